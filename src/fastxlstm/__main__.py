@@ -1,0 +1,3 @@
+from fastxlstm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""mLSTM forms: reference (the definition), parallel, chunkwise, recurrent, and Triton kernels on CUDA."""

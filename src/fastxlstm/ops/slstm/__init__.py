@@ -1,0 +1,1 @@
+"""sLSTM forms: reference (the definition) and a vectorised recurrent one."""
