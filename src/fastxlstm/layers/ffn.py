@@ -1,0 +1,39 @@
+"""Gated feed-forward network: ``proj_down(act(proj_up_gate(x)) * proj_up(x))``.
+
+With ``activation="silu"`` this is the 7B's SwiGLU; with ``"gelu"`` the paper's sLSTM-block FFN. Attribute names
+match the transformers xLSTM checkpoint keys (``ffn.proj_up_gate``, ``ffn.proj_up``, ``ffn.proj_down``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GatedFFN"]
+
+_ACTS = {"gelu": F.gelu, "silu": F.silu}
+
+
+class GatedFFN(nn.Module):
+    """Input (..., dim) -> output (..., dim) through a gated hidden layer of width ``hidden_dim``."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = False):
+        super().__init__()
+        if activation not in _ACTS:
+            raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
+        if dim < 1 or hidden_dim < 1:
+            raise ValueError(f"GatedFFN needs positive dim and hidden_dim, got {dim}, {hidden_dim}")
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.proj_up_gate = nn.Linear(dim, hidden_dim, bias=bias)
+        self.proj_up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.proj_down = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"GatedFFN expects (..., {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        return self.proj_down(_ACTS[self.activation](self.proj_up_gate(x)) * self.proj_up(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation!r}"
