@@ -1,0 +1,225 @@
+"""The shared base of fastxlstm's language models (the paper's xLSTM[a:b] and the xLSTM-7B "Large").
+
+A subclass provides:
+
+- ``config_class``: the config dataclass type. Its instances have ``to_dict() -> dict`` (JSON-serialisable),
+  a classmethod ``from_dict(d) -> config`` and a class attribute ``model_type: str`` (written to config.json;
+  "xlstm_lm" for the paper model, "xlstm" for the 7B, which is also transformers' model_type).
+- ``__init__(self, config)`` that calls ``super().__init__()`` and sets ``self.config = config``.
+- ``forward(input_ids, state=None, resets=None, return_state=True) -> CausalLMOutput``:
+  input_ids (B, S) int64 in [0, vocab_size); state an ``XLSTMState`` (None is fresh); resets (B, S) bool, True at t
+  clears the state before token t (packed documents, left padding); returns float32 logits (B, S, V) and the state
+  after the last token (None when return_state=False). States are never modified in place.
+- ``init_state(batch_size, device=None, dtype=None) -> XLSTMState``: a fresh (zero) state.
+
+It gets:
+
+- ``generate(input_ids, max_new_tokens, ...)`` and ``generate_stream(...)`` (see :mod:`fastxlstm.generation`):
+  prefill once with the chunkwise form, then decode one token at a time with the carried state.
+- ``save_pretrained(dir, max_shard_size="2GB")`` and the classmethod ``from_pretrained(dir, device=None,
+  dtype=None)`` (see :mod:`fastxlstm.models.io`): config.json + safetensors, written atomically.
+- ``num_parameters(exclude_embeddings=False)``, ``device`` and ``dtype`` properties, and the input checks
+  ``check_input_ids`` / ``check_resets`` / ``check_state`` that forward() implementations should call.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import nn
+
+from .state import MLSTMBlockState, SLSTMBlockState, XLSTMState
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class XLSTMModelBase(nn.Module):
+    """Base class: generation, checkpoint I/O and input validation shared by both models."""
+
+    config_class: ClassVar[type] = None  # set by subclasses
+    config: Any
+
+    # ------------------------------------------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating parameters (the compute dtype of the matmuls)."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once).
+
+        exclude_embeddings: leave out the token embedding (and the LM head when it is a separate matrix of the
+        same shape), the usual convention when quoting "non-embedding" model sizes.
+        """
+        seen = set()
+        total = 0
+        emb = self.get_input_embeddings() if exclude_embeddings else None
+        head = self.get_output_embeddings() if exclude_embeddings else None
+        skip = set()
+        if emb is not None:
+            skip.add(id(emb.weight))
+        if head is not None:
+            skip.add(id(head.weight))
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def get_input_embeddings(self) -> Optional[nn.Embedding]:
+        """The token embedding module (subclasses override when it is not found by type)."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Embedding):
+                return mod
+        return None
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        return getattr(self, "lm_head", None)
+
+    # ------------------------------------------------------------------------------------------------------
+    # input validation (shared by subclasses' forward)
+    # ------------------------------------------------------------------------------------------------------
+
+    def check_input_ids(self, input_ids) -> torch.Tensor:
+        """Validate token ids: a (B, S) integer tensor on the model's device with ids in [0, vocab_size).
+
+        Returns the ids as int64. Out-of-range ids would otherwise index garbage (CPU) or crash the device.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor of shape (B, S), got {type(input_ids).__name__}")
+        if input_ids.dtype not in _INT_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has batch size 0")
+        device = self.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        if input_ids.numel() > 0:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {lo} max {hi}")
+        return input_ids.long()
+
+    def check_resets(self, resets, batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+        if resets is None:
+            return None
+        if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
+            raise ValueError(f"resets must be a bool tensor of shape (B, S), got "
+                             f"{getattr(resets, 'dtype', type(resets).__name__)}")
+        if tuple(resets.shape) != (batch_size, seq_len):
+            raise ValueError(f"resets has shape {tuple(resets.shape)}, expected (B, S) = ({batch_size}, {seq_len})")
+        if resets.device != self.device:
+            raise ValueError(f"resets is on {resets.device} but the model is on {self.device}")
+        return resets
+
+    def check_state(self, state, batch_size: int) -> Optional[XLSTMState]:
+        """Check that ``state`` is an XLSTMState of this model's layout for ``batch_size`` rows.
+
+        The per-tensor shapes are compared with a fresh ``init_state`` (cheap: only meta-shaped comparisons).
+        """
+        if state is None:
+            return None
+        if not isinstance(state, XLSTMState):
+            raise ValueError(f"state must be an XLSTMState (or None), got {type(state).__name__}")
+        ref = self._state_shapes(batch_size)
+        if len(state) != len(ref):
+            raise ValueError(f"state has {len(state)} blocks, the model has {len(ref)}")
+        device = self.device
+        for idx, (blk, shapes) in enumerate(zip(state.blocks, ref)):
+            kind, expected = shapes
+            if type(blk).__name__ != kind:
+                raise ValueError(f"state.blocks[{idx}] is a {type(blk).__name__}, expected {kind}")
+            for name, shp in expected.items():
+                t = getattr(blk, name)
+                if shp is None:
+                    if t is not None:
+                        raise ValueError(f"state.blocks[{idx}].{name} must be None for this model")
+                    continue
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"state.blocks[{idx}].{name} must be a tensor of shape {shp}")
+                if tuple(t.shape) != shp:
+                    raise ValueError(f"state.blocks[{idx}].{name} has shape {tuple(t.shape)}, expected {shp}")
+                if t.device != device:
+                    raise ValueError(f"state.blocks[{idx}].{name} is on {t.device} but the model is on {device}")
+        return state
+
+    def _state_shapes(self, batch_size: int):
+        """[(class name, {field: shape or None})] per block, derived from a fresh state on the meta device."""
+        cache = getattr(self, "_state_shape_cache", None)
+        if cache is None or cache[0] != batch_size:
+            st = self.init_state(batch_size, device="meta")
+            shapes = []
+            for blk in st.blocks:
+                names = ("C", "n", "m", "conv") if isinstance(blk, MLSTMBlockState) else ("c", "n", "m", "h", "conv")
+                shapes.append((type(blk).__name__,
+                               {n: (None if getattr(blk, n) is None else tuple(getattr(blk, n).shape))
+                                for n in names}))
+            cache = (batch_size, shapes)
+            object.__setattr__(self, "_state_shape_cache", cache)
+        return cache[1]
+
+    # ------------------------------------------------------------------------------------------------------
+    # what subclasses implement
+    # ------------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, state=None, resets=None, return_state=True):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> XLSTMState:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------
+    # generation
+    # ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Generate tokens; returns (B, S + max_new_tokens) ids (prompt included). See fastxlstm.generation."""
+        from ..generation import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def generate_stream(self, input_ids, max_new_tokens: int, **kwargs):
+        """Iterator form of :meth:`generate`: yields one (B,) tensor of new token ids per step."""
+        from ..generation import generate_stream
+        return generate_stream(self, input_ids, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike],
+                        max_shard_size: Union[int, str] = "2GB") -> None:
+        """Write config.json + model.safetensors (sharded above max_shard_size), atomically."""
+        from .io import save_pretrained
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device=None, dtype=None):
+        """Load a directory written by ``save_pretrained`` (or by transformers for the 7B).
+
+        Called on a subclass, the checkpoint must be of that class's model_type.
+        """
+        from .io import from_pretrained
+        model = from_pretrained(directory, device=device, dtype=dtype)
+        if cls is not XLSTMModelBase and not isinstance(model, cls):
+            raise ValueError(f"{os.fspath(directory)} holds a {type(model).__name__} checkpoint, "
+                             f"not a {cls.__name__}")
+        return model
