@@ -1,0 +1,271 @@
+"""Text generation for fastxlstm models: prefill once, then decode one token at a time with the carried state.
+
+    tokens = model.generate(input_ids, max_new_tokens=32, temperature=0.8, top_p=0.9, seed=0)
+    for tok in model.generate_stream(input_ids, max_new_tokens=32):   # tok: (B,) ids of one step
+        ...
+
+The prompt goes through the sequence (chunkwise) form in one call, which returns the recurrent state; each new
+token is then one step of the model on that state. The state has a fixed size (per mLSTM block C, n, m and the
+conv window; per sLSTM block c, n, m, h), so memory does not grow with the number of generated tokens: each step
+replaces the state, nothing is appended.
+
+Batches of prompts of different lengths are LEFT padded. The model sees the padding tokens, but the state is
+reset at each row's first real token (``resets``), so a padded row generates what the prompt alone would (up to
+float rounding from a different chunk alignment). Rows that emitted ``eos_token_id`` keep emitting
+``pad_token_id``; generation stops early when every row has finished.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["generate", "generate_stream", "sample_next_token", "prepare_prompt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_int(name, v, lo=None):
+    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
+        raise ValueError(f"{name} must be an int" + (f" >= {lo}" if lo is not None else "") + f", got {v!r}")
+    return v
+
+
+def _check_sampling(temperature, top_k, top_p, do_sample, vocab_size):
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be None or a bool, got {do_sample!r}")
+    if do_sample and temperature == 0:
+        raise ValueError("do_sample=True needs temperature > 0 (temperature=0 means greedy)")
+    if top_k is not None:
+        _check_int("top_k", top_k, 1)
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    sample = (temperature > 0) if do_sample is None else do_sample
+    return sample
+
+
+def _check_token(name, v, vocab_size):
+    if v is None:
+        return None
+    _check_int(name, v)
+    if not 0 <= v < vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}), got {v}")
+    return v
+
+
+def _eos_ids(eos_token_id, vocab_size) -> Optional[List[int]]:
+    if eos_token_id is None:
+        return None
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if not ids:
+        raise ValueError("eos_token_id must be an int, a non-empty list of ints, or None")
+    return [_check_token("eos_token_id", int(i) if isinstance(i, torch.Tensor) else i, vocab_size) for i in ids]
+
+
+def prepare_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   pad_token_id: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The (B, S) ``resets`` for a left-padded batch, or None when no row is padded.
+
+    The padding is given by ``attention_mask`` (1 for real tokens, 0 for padding, which must all be on the left),
+    or, without a mask, by the leading run of ``pad_token_id`` in each row. The reset sits at each row's first real
+    token, so the state that token sees is fresh, exactly as for the prompt alone.
+    """
+    B, S = input_ids.shape
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must be a tensor of shape (B, S) = ({B}, {S}), got "
+                             f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 and 1")
+        elif attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        real = attention_mask.to(device=input_ids.device).bool()
+        if bool((real[:, :-1] & ~real[:, 1:]).any()):
+            raise ValueError("attention_mask must be left padding (0...0 1...1 in each row); right or inner "
+                             "padding is not supported: pad prompts on the left")
+    elif pad_token_id is not None:
+        # left padding = the leading run of pad tokens
+        real = (input_ids != pad_token_id).long().cummax(dim=1).values.bool()
+    else:
+        return None
+    if not bool(real[:, -1].all()):
+        bad = (~real[:, -1]).nonzero().flatten().tolist()
+        raise ValueError(f"rows {bad} of the prompt are all padding")
+    if bool(real.all()):
+        return None
+    first = (~real).sum(dim=1)  # index of the first real token
+    resets = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
+    resets[torch.arange(B, device=input_ids.device), first] = True
+    return resets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------------
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, do_sample: Optional[bool] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): greedy (argmax, first index on ties) when not sampling, else
+    sample from softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
+    probability reaches top_p (the most likely token is always kept). Returns (B,) int64."""
+    sample = _check_sampling(temperature, top_k, top_p, do_sample, logits.shape[-1])
+    logits = logits.float()
+    if not sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        above = probs.cumsum(dim=-1) - probs
+        drop_sorted = above >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------------------
+
+def _call(model, ids, state=None, resets=None):
+    """One forward in inference mode. Eval mode and no-grad are set per call (not around the whole stream) so
+    that the caller's code between two yielded tokens runs with its own settings."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(ids, state=state, resets=resets)
+    finally:
+        model.train(was_training)
+
+
+def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, pad_token_id,
+           attention_mask, seed, generator):
+    ids = model.check_input_ids(input_ids)
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one prompt token per row")
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    V = model.vocab_size
+    sample = _check_sampling(temperature, top_k, top_p, do_sample, V)
+    eos = _eos_ids(eos_token_id, V)
+    explicit_pad = _check_token("pad_token_id", pad_token_id, V)
+    fill = explicit_pad
+    if fill is None:
+        fill = getattr(model.config, "pad_token_id", None)
+    if fill is None and eos is not None:
+        fill = eos[0]
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        _check_int("seed", seed)
+        generator = torch.Generator(device=ids.device)
+        generator.manual_seed(seed)
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    resets = prepare_prompt(ids, attention_mask, explicit_pad)
+    return ids, sample, eos, fill, generator, resets
+
+
+def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
+            final: Optional[list]) -> Iterator[torch.Tensor]:
+    if max_new_tokens == 0:
+        if final is not None:
+            final.append(_call(model, ids, resets=resets).state)
+        return
+    out = _call(model, ids, resets=resets)
+    logits, state = out.logits[:, -1], out.state
+    del out
+    B = ids.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
+    for step in range(max_new_tokens):
+        tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
+        if eos_t is not None:
+            tok = torch.where(finished, torch.full_like(tok, fill), tok)
+            finished = finished | torch.isin(tok, eos_t)
+        done = step == max_new_tokens - 1 or (eos_t is not None and bool(finished.all()))
+        if not done:
+            # one step of the model on the carried state: the old state is dropped, so memory stays flat
+            out = _call(model, tok[:, None], state=state)
+            logits, state = out.logits[:, 0], out.state
+            del out
+        elif final is not None:
+            final.append(state)
+        yield tok
+        if done:
+            return
+
+
+def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, do_sample: Optional[bool] = None,
+                    eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                    attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield the new tokens, one (B,) int64 tensor per step (at most ``max_new_tokens``; fewer when every row
+    has emitted an eos). Arguments as for :func:`generate`; they are validated before the first step."""
+    args = _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
+                  pad_token_id, attention_mask, seed, generator)
+    ids, sample, eos, fill, generator, resets = args
+    return _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
+                   None)
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, do_sample: Optional[bool] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+             generator: Optional[torch.Generator] = None,
+             stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False):
+    """Generate continuations of a batch of prompts.
+
+    Args:
+        input_ids: (B, S) prompt ids, left padded when rows differ in length.
+        max_new_tokens: how many tokens to add (>= 0).
+        temperature: softmax temperature; 0 means greedy.
+        top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of probability top_p.
+        do_sample: False forces greedy decoding; None samples iff temperature > 0.
+        eos_token_id: an id or list of ids that ends a row (None: never stop early); finished rows then emit
+            ``pad_token_id`` (default: the config's pad id, else the eos id).
+        pad_token_id: also marks left padding (the leading run of it in each row) when no attention_mask is given.
+        attention_mask: (B, S) 1 for real tokens, 0 for (left) padding.
+        seed / generator: the random source for sampling (a seed builds a fresh generator on the input's device);
+            neither: torch's global RNG. Greedy decoding is deterministic regardless.
+        stream: called with each step's (B,) token tensor as soon as it is chosen.
+        return_state: also return the state after the last fed token (the final token is not fed).
+
+    Returns:
+        (B, S + n) int64: the prompts followed by n <= max_new_tokens new tokens (n < max_new_tokens only when all
+        rows finished); with return_state, a tuple (tokens, state).
+    """
+    if stream is not None and not callable(stream):
+        raise ValueError(f"stream must be a callable taking a (B,) tensor, got {type(stream).__name__}")
+    ids, sample, eos, fill, generator, resets = _setup(model, input_ids, max_new_tokens, temperature, top_k,
+                                                       top_p, do_sample, eos_token_id, pad_token_id,
+                                                       attention_mask, seed, generator)
+    final: list = []
+    new = []
+    for tok in _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
+                       final):
+        new.append(tok)
+        if stream is not None:
+            stream(tok)
+    tokens = torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids.clone()
+    if return_state:
+        return tokens, (final[0] if final else None)
+    return tokens
