@@ -1,9 +1,34 @@
-"""Triton kernels for the mLSTM (CUDA). Work in progress: see issue 5."""
+"""Triton kernels for the mLSTM (CUDA; the CPU interpreter TRITON_INTERPRET=1 runs them too, for tests).
+
+    mlstm_triton(q, k, v, i, f, state, eps, resets, chunk_size) -> (h, (C, n, m))
+    mlstm_step_triton(q, k, v, i, f, state, eps) -> (h, (C, n, m))
+
+Both are differentiable (torch.autograd.Function). triton is imported only when one of them is first called, so
+``import fastxlstm`` stays light. The kernels live in _chunkwise.py (sequence) and _step.py (decode step).
+fp32 inputs use IEEE fp32 dot products unless ``torch.set_float32_matmul_precision`` allows TF32.
+"""
+from __future__ import annotations
+
+from typing import Optional
 
 
-def mlstm_triton(*args, **kwargs):  # replaced by the kernels' launcher
-    raise NotImplementedError("the Triton mLSTM kernels are not built yet; use backend='chunkwise'")
+def mlstm_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets=None, chunk_size: Optional[int] = None):
+    """Chunkwise mLSTM over a sequence (inputs validated by fastxlstm.ops.mlstm).
+
+    q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); state None or (C (B, NH, DQK, DV), n (B, NH, DQK),
+    m (B, NH)); resets None or (B, S) bool. Returns h (B, NH, S, DV) in q's dtype and (C, n, m) in float32.
+    ``chunk_size`` is a hint only: the kernels use their own tuned chunk length (any S works, no padding needed
+    by the caller, and S is not a compile-time constant, so new lengths do not recompile).
+    """
+    from ._chunkwise import mlstm_chunkwise_triton
+    return mlstm_chunkwise_triton(q, k, v, i, f, state, eps, resets)
 
 
-def mlstm_step_triton(*args, **kwargs):
-    raise NotImplementedError("the Triton mLSTM step kernel is not built yet; use backend='torch'")
+def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6):
+    """One fused decode step: q, k (B, NH, DQK); v (B, NH, DV); i, f (B, NH); state (C, n, m), never None.
+    Returns h (B, NH, DV) in q's dtype and the new state in float32 (the inputs are not modified)."""
+    from ._step import mlstm_step_triton_impl
+    return mlstm_step_triton_impl(q, k, v, i, f, state, eps)
+
+
+__all__ = ["mlstm_triton", "mlstm_step_triton"]

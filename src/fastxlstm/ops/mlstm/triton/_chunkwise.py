@@ -1,0 +1,651 @@
+"""Chunkwise mLSTM forward and backward in Triton (written from shared/spec/XLSTM.md section 1).
+
+Layout of the computation (per batch*head "bh", chunk length L, a constexpr independent of S):
+
+    K0 _scalars   grid (NC, BH): per-chunk gate scalars in a padded (BH, NC*L) layout:
+                  b = in-chunk cumsum of log sigmoid(f), a = i - b (-inf on padding), seg = in-chunk count of
+                  resets, Mloc = segmented running max of a (a reset at r starts a new segment whose first value
+                  also includes -b_{r-1}, the stabiliser term of the fresh state m = 0).
+    K1 _fwd_state grid (DQK/BK, DV/BV, BH): the sequential recurrence over chunks; writes each chunk's incoming
+                  state (C, n, m) to Cbuf/nbuf/mbuf and the final state.
+    K2 _fwd_out   grid (NC*L/BT, DV/BV, BH): outputs, tiled inside the chunk (BT x BT causal tiles), the
+                  incoming state added as q C_prev.
+
+With m_prev the stabiliser entering a chunk, the stabiliser at t is m_t = b_t + M_t with
+M_t = max(m_prev, Mloc_t) where no reset happened since the chunk start (seg_t = 0), else Mloc_t. This is exactly
+the recurrent max m_t = max(log f_t + m_{t-1}, i_t) of the reference, unrolled. The decay weights are then
+D_tj = exp(a_j - M_t) (same segment, j <= t) and the incoming-state weight exp(m_prev - M_t) (seg_t = 0): both
+<= 1, so nothing overflows and a reset never forms -inf - -inf.
+
+The backward uses the same pieces: a reverse recurrence for the state gradients (dC, dn at chunk ends), then
+three parallel kernels for dq, dk, dv. The stabiliser is a constant for autograd (it gets no gradient), so the gate
+gradients follow from the identities di_j = k_j . dk_j and
+d log f_t = sum_{u >= t} (q_u . dq_u - k_u . dk_u) + <dC_S, C_S> + <dn_S, n_S>, which are formed in PyTorch from
+per-token dot products written by the kernels (fp32), with the reverse cumsum in float64.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class MLSTMTritonConfig:
+    """Tiling of the chunkwise kernels. ``chunk`` is the chunk length L (state stored every L tokens), ``block_t``
+    the token tile inside a chunk (L must be a multiple), ``block_k``/``block_v`` the head-dim tiles."""
+
+    chunk: int = 128
+    block_t: int = 64
+    block_k: int = 128
+    block_v: int = 128
+    block_k_state: int = 64
+    block_v_state: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_state: int = 4
+
+    def __post_init__(self):
+        for name in ("chunk", "block_t", "block_k", "block_v", "block_k_state", "block_v_state"):
+            val = getattr(self, name)
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+        if self.chunk % self.block_t:
+            raise ValueError(f"chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
+
+
+def _pow2_at_least16(x: int) -> int:
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+def default_config(DQK: int, DV: int) -> MLSTMTritonConfig:
+    bk = min(_pow2_at_least16(DQK), 128)
+    bv = min(_pow2_at_least16(DV), 128)
+    return MLSTMTritonConfig(chunk=128, block_t=64, block_k=bk, block_v=bv,
+                             block_k_state=min(bk, 64), block_v_state=min(bv, 64),
+                             num_warps=8 if bk * bv >= 128 * 128 else 4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, IP: tl.constexpr, UP: tl.constexpr):
+    # UP: the CPU interpreter multiplies bfloat16 blocks as raw integers (its bf16 storage), so there the operands
+    # (already rounded to bf16) are widened to fp32 first: the same products, just not on tensor cores
+    if UP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=IP)
+
+
+@triton.jit
+def _segmax_combine(v1, f1, v2, f2):
+    # segmented running max: a flagged element starts a new segment
+    return tl.where(f2 > 0, v2, tl.maximum(v1, v2)), tl.maximum(f1, f2)
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, S, NC, NH,
+                    HAS_RESET: tl.constexpr, L: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t = c * L + tl.arange(0, L)
+    valid = t < S
+    f = tl.load(f_ptr + bh * S + t, mask=valid, other=0.0).to(tl.float32)
+    ig = tl.load(i_ptr + bh * S + t, mask=valid, other=0.0).to(tl.float32)
+    # log sigmoid(f), stable for both signs
+    lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
+    lf = tl.where(valid, lf, 0.0)
+    b = tl.cumsum(lf, 0)
+    if HAS_RESET:
+        rst = tl.load(r_ptr + (bh // NH) * S + t, mask=valid, other=0).to(tl.int32)
+    else:
+        rst = tl.zeros([L], dtype=tl.int32)
+    seg = tl.cumsum(rst, 0)
+    a = tl.where(valid, ig - b, float("-inf"))
+    e = tl.where(rst > 0, tl.maximum(a, lf - b), a)
+    Mloc, _ = tl.associative_scan((e, rst), 0, _segmax_combine)
+    o = bh * NC * L + t
+    tl.store(b_ptr + o, b)
+    tl.store(a_ptr + o, a)
+    tl.store(seg_ptr + o, seg)
+    tl.store(M_ptr + o, Mloc)
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr, m0_ptr,
+                      Cbuf_ptr, nbuf_ptr, mbuf_ptr, Cout_ptr, nout_ptr, mout_ptr, S, NC,
+                      DQK: tl.constexpr, DV: tl.constexpr, HAS_STATE: tl.constexpr, L: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    pk = tl.program_id(0)
+    pv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    dk = pk * BK + tl.arange(0, BK)
+    dv = pv * BV + tl.arange(0, BV)
+    mk = dk < DQK
+    mv = dv < DV
+    cofs = dk[:, None] * DV + dv[None, :]
+    cmask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        C = tl.load(C0_ptr + bh * DQK * DV + cofs, mask=cmask, other=0.0).to(tl.float32)
+        n = tl.load(n0_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32)
+        m = tl.load(m0_ptr + bh).to(tl.float32)
+    else:
+        C = tl.zeros([BK, BV], dtype=tl.float32)
+        n = tl.zeros([BK], dtype=tl.float32)
+        m = tl.sum(tl.zeros([1], dtype=tl.float32), 0)
+    tt = tl.arange(0, L)
+    for c in range(0, NC):
+        sbase = (bh * NC + c) * DQK * DV
+        tl.store(Cbuf_ptr + sbase + cofs, C, mask=cmask)
+        if pv == 0:
+            tl.store(nbuf_ptr + (bh * NC + c) * DQK + dk, n, mask=mk)
+        if (pv == 0) & (pk == 0):
+            tl.store(mbuf_ptr + bh * NC + c, m)
+        so = bh * NC * L + c * L
+        bL = tl.load(b_ptr + so + L - 1)
+        segL = tl.load(seg_ptr + so + L - 1)
+        MlocL = tl.load(M_ptr + so + L - 1)
+        ML = tl.where(segL == 0, tl.maximum(m, MlocL), MlocL)
+        G = tl.where(segL == 0, tl.exp(m - ML), 0.0)
+        a = tl.load(a_ptr + so + tt)
+        seg = tl.load(seg_ptr + so + tt)
+        w = tl.exp(tl.where(seg == segL, a - ML, float("-inf")))
+        t = c * L + tt
+        mt = t < S
+        kk = tl.load(k_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        vv = tl.load(v_ptr + (bh * S + t[:, None]) * DV + dv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        kw = kk.to(tl.float32) * w[:, None]
+        C = G * C + _dot(tl.trans(kw.to(vv.dtype)), vv, IP, UP)
+        n = G * n + tl.sum(kw, 0)
+        m = bL + ML
+    tl.store(Cout_ptr + bh * DQK * DV + cofs, C, mask=cmask)
+    if pv == 0:
+        tl.store(nout_ptr + bh * DQK + dk, n, mask=mk)
+    if (pv == 0) & (pk == 0):
+        tl.store(mout_ptr + bh, m)
+
+
+@triton.jit
+def _row_stab(b_ptr, seg_ptr, M_ptr, so, rr, m_prev):
+    """Per-row stabiliser pieces for in-chunk rows rr: (M_t, seg_t, state weight exp(m_prev - M_t) or 0, m_t)."""
+    b = tl.load(b_ptr + so + rr)
+    seg = tl.load(seg_ptr + so + rr)
+    Mloc = tl.load(M_ptr + so + rr)
+    M = tl.where(seg == 0, tl.maximum(m_prev, Mloc), Mloc)
+    st = tl.where(seg == 0, tl.exp(m_prev - M), 0.0)
+    return M, seg, st, b + M
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr, nbuf_ptr, mbuf_ptr,
+                    h_ptr, den_ptr, mo_ptr, S, NC, scale, eps,
+                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    NQ: tl.constexpr = L // BT
+    pid = tl.program_id(0)
+    pv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    c = pid // NQ
+    qi = pid % NQ
+    so = bh * NC * L + c * L
+    rq = qi * BT + tl.arange(0, BT)
+    tq = c * L + rq
+    mq = tq < S
+    dv = pv * BV + tl.arange(0, BV)
+    mv = dv < DV
+    m_prev = tl.load(mbuf_ptr + bh * NC + c)
+    M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    den = tl.zeros([BT], dtype=tl.float32)
+    sbase = (bh * NC + c) * DQK * DV
+    for k0 in range(0, DQK, BK):
+        dk = k0 + tl.arange(0, BK)
+        mk = dk < DQK
+        qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+        Cb = tl.load(Cbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc += _dot(qq, Cb.to(qq.dtype), IP, UP)
+        nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
+        den += tl.sum(qq.to(tl.float32) * nb[None, :], 1)
+    acc = acc * (st * scale)[:, None]
+    den = den * (st * scale)
+    for kj in range(0, qi + 1):
+        rk = kj * BT + tl.arange(0, BT)
+        tk = c * L + rk
+        mkv = tk < S
+        s = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, DQK, BK):
+            dk = k0 + tl.arange(0, BK)
+            mk = dk < DQK
+            qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :],
+                         other=0.0)
+            kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :],
+                         other=0.0)
+            s += _dot(qq, tl.trans(kk), IP, UP)
+        a = tl.load(a_ptr + so + rk)
+        segk = tl.load(seg_ptr + so + rk)
+        keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
+        D = tl.exp(tl.where(keep, a[None, :] - M[:, None], float("-inf")))
+        P = s * D * scale
+        den += tl.sum(P, 1)
+        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        acc += _dot(P.to(vv.dtype), vv, IP, UP)
+    Z = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
+    hh = acc / Z[:, None]
+    tl.store(h_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], hh.to(h_ptr.dtype.element_ty),
+             mask=mq[:, None] & mv[None, :])
+    if pv == 0:
+        tl.store(den_ptr + bh * S + tq, den, mask=mq)
+        tl.store(mo_ptr + bh * S + tq, mt, mask=mq)
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, dCT_ptr, dnT_ptr,
+                      dCbuf_ptr, dnbuf_ptr, dC0_ptr, dn0_ptr, S, NC, scale,
+                      DQK: tl.constexpr, DV: tl.constexpr, HAS_DSTATE: tl.constexpr, L: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    pk = tl.program_id(0)
+    pv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    dk = pk * BK + tl.arange(0, BK)
+    dv = pv * BV + tl.arange(0, BV)
+    mk = dk < DQK
+    mv = dv < DV
+    cofs = dk[:, None] * DV + dv[None, :]
+    cmask = mk[:, None] & mv[None, :]
+    if HAS_DSTATE:
+        dC = tl.load(dCT_ptr + bh * DQK * DV + cofs, mask=cmask, other=0.0).to(tl.float32)
+        dn = tl.load(dnT_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32)
+    else:
+        dC = tl.zeros([BK, BV], dtype=tl.float32)
+        dn = tl.zeros([BK], dtype=tl.float32)
+    tt = tl.arange(0, L)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, dC, mask=cmask)
+        if pv == 0:
+            tl.store(dnbuf_ptr + (bh * NC + c) * DQK + dk, dn, mask=mk)
+        so = bh * NC * L + c * L
+        m_prev = tl.load(mbuf_ptr + bh * NC + c)
+        segL = tl.load(seg_ptr + so + L - 1)
+        MlocL = tl.load(M_ptr + so + L - 1)
+        ML = tl.where(segL == 0, tl.maximum(m_prev, MlocL), MlocL)
+        G = tl.where(segL == 0, tl.exp(m_prev - ML), 0.0)
+        seg = tl.load(seg_ptr + so + tt)
+        Mloc = tl.load(M_ptr + so + tt)
+        Mt = tl.where(seg == 0, tl.maximum(m_prev, Mloc), Mloc)
+        st = tl.where(seg == 0, tl.exp(m_prev - Mt), 0.0) * scale
+        t = c * L + tt
+        mt = t < S
+        qq = tl.load(q_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        dh = tl.load(dh_ptr + (bh * S + t[:, None]) * DV + dv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        rz = tl.load(rz_ptr + bh * S + t, mask=mt, other=0.0)
+        dd = tl.load(dd_ptr + bh * S + t, mask=mt, other=0.0)
+        dnum = dh.to(tl.float32) * (rz * st)[:, None]
+        dC = G * dC + _dot(tl.trans(qq), dnum.to(qq.dtype), IP, UP)
+        dn = G * dn + tl.sum(qq.to(tl.float32) * (st * dd)[:, None], 0)
+    tl.store(dC0_ptr + bh * DQK * DV + cofs, dC, mask=cmask)
+    if pv == 0:
+        tl.store(dn0_ptr + bh * DQK + dk, dn, mask=mk)
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
+                   Cbuf_ptr, nbuf_ptr, mbuf_ptr, dq_ptr, qdq_ptr, S, NC, BH, scale,
+                   DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    NQ: tl.constexpr = L // BT
+    pid = tl.program_id(0)
+    pk = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    c = pid // NQ
+    qi = pid % NQ
+    so = bh * NC * L + c * L
+    rq = qi * BT + tl.arange(0, BT)
+    tq = c * L + rq
+    mq = tq < S
+    dk = pk * BK + tl.arange(0, BK)
+    mk = dk < DQK
+    m_prev = tl.load(mbuf_ptr + bh * NC + c)
+    M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+    rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
+    dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
+    qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    dt = qq.dtype
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    sbase = (bh * NC + c) * DQK * DV
+    for v0 in range(0, DV, BV):
+        dv = v0 + tl.arange(0, BV)
+        mv = dv < DV
+        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
+        Cb = tl.load(Cbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc += _dot(dnum, tl.trans(Cb.to(dt)), IP, UP)
+    nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
+    acc = (acc + dd[:, None] * nb[None, :]) * st[:, None]
+    for kj in range(0, qi + 1):
+        rk = kj * BT + tl.arange(0, BT)
+        tk = c * L + rk
+        mkv = tk < S
+        dP = tl.zeros([BT, BT], dtype=tl.float32)
+        for v0 in range(0, DV, BV):
+            dv = v0 + tl.arange(0, BV)
+            mv = dv < DV
+            dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
+                         other=0.0)
+            dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
+            vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :],
+                         other=0.0)
+            dP += _dot(dnum, tl.trans(vv), IP, UP)
+        dP += dd[:, None]
+        a = tl.load(a_ptr + so + rk)
+        segk = tl.load(seg_ptr + so + rk)
+        keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
+        D = tl.exp(tl.where(keep, a[None, :] - M[:, None], float("-inf")))
+        kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+        acc += _dot((dP * D).to(dt), kk, IP, UP)
+    dq = acc * scale
+    tl.store(dq_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=mq[:, None] & mk[None, :])
+    tl.store(qdq_ptr + (pk * BH + bh) * S + tq, tl.sum(qq.to(tl.float32) * dq, 1), mask=mq)
+
+
+@triton.jit
+def _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L: tl.constexpr):
+    """Weights of in-chunk columns rk in the chunk's outgoing state: exp(a_j - M_L) in the last segment."""
+    segL = tl.load(seg_ptr + so + L - 1)
+    MlocL = tl.load(M_ptr + so + L - 1)
+    ML = tl.where(segL == 0, tl.maximum(m_prev, MlocL), MlocL)
+    a = tl.load(a_ptr + so + rk)
+    segk = tl.load(seg_ptr + so + rk)
+    w = tl.exp(tl.where(segk == segL, a - ML, float("-inf")))
+    return a, segk, w
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
+                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, S, NC, BH, scale,
+                   DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    NQ: tl.constexpr = L // BT
+    pid = tl.program_id(0)
+    pk = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    c = pid // NQ
+    kj = pid % NQ
+    so = bh * NC * L + c * L
+    rk = kj * BT + tl.arange(0, BT)
+    tk = c * L + rk
+    mkv = tk < S
+    dk = pk * BK + tl.arange(0, BK)
+    mk = dk < DQK
+    m_prev = tl.load(mbuf_ptr + bh * NC + c)
+    a, segk, w = _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L)
+    kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+    dt = kk.dtype
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    sbase = (bh * NC + c) * DQK * DV
+    for v0 in range(0, DV, BV):
+        dv = v0 + tl.arange(0, BV)
+        mv = dv < DV
+        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        dCb = tl.load(dCbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc += _dot(vv, tl.trans(dCb.to(dt)), IP, UP)
+    dnb = tl.load(dnbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
+    acc = (acc + dnb[None, :]) * w[:, None]
+    for qi in range(kj, NQ):
+        rq = qi * BT + tl.arange(0, BT)
+        tq = c * L + rq
+        mq = tq < S
+        M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+        rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
+        dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
+        dPT = tl.zeros([BT, BT], dtype=tl.float32)
+        for v0 in range(0, DV, BV):
+            dv = v0 + tl.arange(0, BV)
+            mv = dv < DV
+            vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :],
+                         other=0.0)
+            dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
+                         other=0.0)
+            dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
+            dPT += _dot(vv, tl.trans(dnum), IP, UP)
+        dPT += dd[None, :]
+        keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
+        DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
+        qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+        acc += _dot((dPT * DT * scale).to(dt), qq, IP, UP)
+    tl.store(dk_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], acc.to(dk_ptr.dtype.element_ty),
+             mask=mkv[:, None] & mk[None, :])
+    tl.store(kdk_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
+
+
+@triton.jit(do_not_specialize=["S", "NC"])
+def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
+                   dCbuf_ptr, mbuf_ptr, dv_ptr, S, NC, scale,
+                   DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+    NQ: tl.constexpr = L // BT
+    pid = tl.program_id(0)
+    pv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    c = pid // NQ
+    kj = pid % NQ
+    so = bh * NC * L + c * L
+    rk = kj * BT + tl.arange(0, BT)
+    tk = c * L + rk
+    mkv = tk < S
+    dv = pv * BV + tl.arange(0, BV)
+    mv = dv < DV
+    m_prev = tl.load(mbuf_ptr + bh * NC + c)
+    a, segk, w = _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    sbase = (bh * NC + c) * DQK * DV
+    for k0 in range(0, DQK, BK):
+        dk = k0 + tl.arange(0, BK)
+        mk = dk < DQK
+        kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+        dCb = tl.load(dCbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc += _dot(kk, dCb.to(kk.dtype), IP, UP)
+    acc = acc * w[:, None]
+    for qi in range(kj, NQ):
+        rq = qi * BT + tl.arange(0, BT)
+        tq = c * L + rq
+        mq = tq < S
+        M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+        rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
+        sT = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, DQK, BK):
+            dk = k0 + tl.arange(0, BK)
+            mk = dk < DQK
+            kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :],
+                         other=0.0)
+            qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :],
+                         other=0.0)
+            sT += _dot(kk, tl.trans(qq), IP, UP)
+        keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
+        DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
+        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        dnum = dh.to(tl.float32) * rz[:, None]
+        acc += _dot((sT * DT * scale).to(dh.dtype), dnum.to(dh.dtype), IP, UP)
+    tl.store(dv_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], acc.to(dv_ptr.dtype.element_ty),
+             mask=mkv[:, None] & mv[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------------------
+
+def _ip(dtype: torch.dtype) -> str:
+    """Dot precision for fp32 operands: IEEE unless the caller allowed TF32 (torch's matmul precision flag)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    BH = B * NH
+    L = cfg.chunk
+    NC = triton.cdiv(S, L)
+    dev = q.device
+    f32 = torch.float32
+    sb = torch.empty(BH, NC * L, device=dev, dtype=f32)
+    sa = torch.empty_like(sb)
+    sM = torch.empty_like(sb)
+    sseg = torch.empty(BH, NC * L, device=dev, dtype=torch.int32)
+    has_reset = resets is not None
+    r_arg = resets.to(torch.int8).contiguous() if has_reset else sb
+    _scalars_kernel[(NC, BH)](f, i, r_arg, sb, sa, sseg, sM, S, NC, NH, HAS_RESET=has_reset, L=L)
+
+    Cbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=f32)
+    nbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
+    mbuf = torch.empty(BH, NC, device=dev, dtype=f32)
+    C = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
+    n = torch.empty(B, NH, DQK, device=dev, dtype=f32)
+    m = torch.empty(B, NH, device=dev, dtype=f32)
+    has_state = C0 is not None
+    ip = _ip(q.dtype)
+    up = _upcast_dots(q.dtype)
+    BKs, BVs = cfg.block_k_state, cfg.block_v_state
+    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
+    _fwd_state_kernel[grid](k, v, sb, sa, sseg, sM, C0 if has_state else C, n0 if has_state else n,
+                            m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, DQK=DQK, DV=DV,
+                            HAS_STATE=has_state, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
+                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages)
+    h = torch.empty(B, NH, S, DV, device=dev, dtype=q.dtype)
+    den = torch.empty(B, NH, S, device=dev, dtype=f32)
+    mt = torch.empty(B, NH, S, device=dev, dtype=f32)
+    BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
+    grid = (NC * (L // cfg.block_t), triton.cdiv(DV, BV), BH)
+    _fwd_out_kernel[grid](q, k, v, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, h, den, mt, S, NC, DQK ** -0.5, eps,
+                          DQK=DQK, DV=DV, L=L, BT=cfg.block_t, BK=BK, BV=BV, IP=ip, UP=up,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return h, C, n, m, (sb, sa, sseg, sM, Cbuf, nbuf, mbuf, den, mt)
+
+
+def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfig, has_state: bool):
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    BH = B * NH
+    L = cfg.chunk
+    NC = triton.cdiv(S, L)
+    dev = q.device
+    f32 = torch.float32
+    sb, sa, sseg, sM, Cbuf, nbuf, mbuf, den, mt = saved
+    scale = DQK ** -0.5
+    ip = _ip(q.dtype)
+    up = _upcast_dots(q.dtype)
+    dh = dh.contiguous()
+    # normaliser Z = max(|den|, exp(-m)) + eps; h = numer / Z, m a constant: dden = -(dh . h) / Z on the |den| branch
+    floor = torch.exp(-mt)
+    Z = torch.maximum(den.abs(), floor) + eps
+    rz = 1.0 / Z
+    dhh = (dh.float() * h.float()).sum(-1)
+    dd = torch.where(den.abs() > floor, -dhh * rz * torch.sign(den), torch.zeros_like(den))
+    rz, dd = rz.contiguous(), dd.contiguous()
+
+    has_dstate = dC is not None or dn is not None
+    dCT = dC.float().contiguous() if dC is not None else torch.zeros(B, NH, DQK, DV, device=dev, dtype=f32)
+    dnT = dn.float().contiguous() if dn is not None else torch.zeros(B, NH, DQK, device=dev, dtype=f32)
+    dCbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=f32)
+    dnbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
+    dC0 = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
+    dn0 = torch.empty(B, NH, DQK, device=dev, dtype=f32)
+    BKs, BVs = cfg.block_k_state, cfg.block_v_state
+    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
+    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, S, NC, scale,
+                            DQK=DQK, DV=DV, HAS_DSTATE=has_dstate, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
+                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages)
+    BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
+    BT = cfg.block_t
+    NK = triton.cdiv(DQK, BK)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    qdq = torch.empty(NK, BH, S, device=dev, dtype=f32)
+    kdk = torch.empty(NK, BH, S, device=dev, dtype=f32)
+    nt = NC * (L // BT)
+    _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
+                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, dCbuf, dnbuf, mbuf, dk, kdk, S, NC, BH,
+                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, dCbuf, mbuf, dv, S, NC, scale,
+                                                  DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # gate gradients from the per-token dot products (see the module docstring)
+    qdq = qdq.sum(0).view(B, NH, S)
+    kdk = kdk.sum(0).view(B, NH, S)
+    di = kdk
+    g = (qdq - kdk).double()
+    dlf = g.flip(-1).cumsum(-1).flip(-1)
+    if has_dstate:
+        E = (dCT.double() * C.double()).sum((-2, -1)) + (dnT.double() * n.double()).sum(-1)
+        dlf = dlf + E[..., None]
+    df = dlf * torch.sigmoid(-f.double())
+    return dq, dk, dv, di, df, dC0, dn0
+
+
+class _MLSTMTritonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, resets, eps, cfg):
+        qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+        ic, fc = i.float().contiguous(), f.float().contiguous()
+        C0c = C0.float().contiguous() if C0 is not None else None
+        n0c = n0.float().contiguous() if n0 is not None else None
+        m0c = m0.detach().float().contiguous() if m0 is not None else None
+        h, C, n, m, saved = _forward(qc, kc, vc, ic, fc, C0c, n0c, m0c, resets, eps, cfg)
+        ctx.save_for_backward(qc, kc, vc, fc, h, C, n, *saved)
+        ctx.eps, ctx.cfg, ctx.has_state = eps, cfg, C0 is not None
+        ctx.dtypes = (i.dtype, f.dtype, None if C0 is None else C0.dtype, None if n0 is None else n0.dtype)
+        ctx.mark_non_differentiable(m)
+        return h, C, n, m
+
+    @staticmethod
+    def backward(ctx, dh, dC, dn, dm):
+        qc, kc, vc, fc, h, C, n, *saved = ctx.saved_tensors
+        if dh is None:
+            dh = torch.zeros_like(h)
+        dq, dk, dv, di, df, dC0, dn0 = _backward(qc, kc, vc, fc, h, dh, dC, dn, C, n, saved, ctx.eps, ctx.cfg,
+                                                 ctx.has_state)
+        idt, fdt, cdt, ndt = ctx.dtypes
+        dC0 = dC0.to(cdt) if ctx.has_state else None
+        dn0 = dn0.to(ndt) if ctx.has_state else None
+        return dq, dk, dv, di.to(idt), df.to(fdt), dC0, dn0, None, None, None, None
+
+
+def mlstm_chunkwise_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets: Optional[torch.Tensor] = None,
+                           config: Optional[MLSTMTritonConfig] = None):
+    """The mLSTM over a sequence with the Triton chunkwise kernels (inputs already validated).
+
+    q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); state None or (C, n, m) with m (B, NH).
+    Returns h (B, NH, S, DV) in q's dtype and the final state (C, n, m) in float32.
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton mLSTM kernels take float16, bfloat16 or float32 inputs, got {q.dtype}")
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    cfg = config if config is not None else default_config(DQK, DV)
+    if S == 0:
+        if state is None:
+            z = torch.zeros
+            return (q.new_zeros(B, NH, 0, DV), (z(B, NH, DQK, DV, device=q.device), z(B, NH, DQK, device=q.device),
+                                                 z(B, NH, device=q.device)))
+        C0, n0, m0 = state
+        return q.new_zeros(B, NH, 0, DV), (C0.float() * 1, n0.float() * 1, m0.detach().float() * 1)
+    C0, n0, m0 = state if state is not None else (None, None, None)
+    h, C, n, m = _MLSTMTritonFn.apply(q, k, v, i, f, C0, n0, m0, resets, float(eps), cfg)
+    return h, (C, n, m)

@@ -1,0 +1,190 @@
+"""The Triton mLSTM kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against the float64
+step-by-step reference: outputs, final states and every gradient (q, k, v, i, f, C0, n0).
+
+TRITON_INTERPRET must be set before triton's JIT functions are created, and it must not leak into other tests that
+share this process (xdist), so the checks run in one subprocess (this file run as a script with the variable set)
+that prints the measured relative errors as JSON; the tests below assert on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (B, NH, S, DQK, DV, dtype, with_state, resets, gates, config)
+#   config "small": chunk 32, tiles 16 (several chunks, several tiles per chunk, head dims split into blocks)
+#   config "default": the tuned GPU tiling (chunk 128, token tile 64), run on a tiny problem
+CASES = {
+    "fp32_nostate_oddS": (1, 2, 45, 16, 48, "float32", False, None, "normal", "small"),
+    "fp32_state_multichunk": (2, 1, 70, 32, 16, "float32", True, None, "normal", "small"),
+    "fp32_state_resets": (2, 2, 77, 16, 16, "float32", True, "mixed", "normal", "small"),
+    "fp32_extreme_gates_resets": (2, 1, 66, 16, 32, "float32", True, "mixed", "extreme", "small"),
+    "fp32_dims_not_pow2": (1, 1, 37, 24, 40, "float32", True, None, "normal", "small"),
+    "fp32_default_config": (1, 2, 150, 16, 32, "float32", True, "mixed", "normal", "default"),
+    "bf16_state_resets": (2, 1, 53, 32, 16, "bfloat16", True, "mixed", "normal", "small"),
+    "fp16_nostate": (1, 1, 40, 16, 32, "float16", False, None, "normal", "small"),
+    "fp32_short_S1": (2, 1, 1, 16, 16, "float32", True, None, "normal", "small"),
+}
+TOL = {"float32": 2e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def _resets(kind, B, S):
+    import torch
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(11)
+    r = torch.rand(B, S, generator=g) < 0.07
+    r[0, 0] = True  # at the very start (initial state discarded)
+    for t in (31, 32, 33):  # around a chunk boundary (chunk 32), consecutive resets
+        if t < S:
+            r[-1, t] = True
+    return r
+
+
+def _run(case, fn, dtype, resets):
+    import torch
+    c = case.cast(dtype)
+    leaves = {k: t.detach().clone().requires_grad_(k != "m0") for k, t in c.tensors.items()}
+    st = (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
+    h, (C, n, m) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], st, resets)
+    go = case.grads_out
+    loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
+    names = [k for k in leaves if k != "m0"]
+    gs = torch.autograd.grad(loss, [leaves[k] for k in names])
+    out = {"h": h, "C": C, "n": n, "m": m}
+    out.update({"d_" + k: g for k, g in zip(names, gs)})
+    return out
+
+
+def _worker() -> dict:
+    """Runs inside the subprocess (TRITON_INTERPRET=1): every case, plus the decode step."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from helpers import make_mlstm_case, rel_err
+    from fastxlstm.ops.mlstm.reference import mlstm_reference, mlstm_step_reference
+    from fastxlstm.ops.mlstm.triton import mlstm_step_triton
+    from fastxlstm.ops.mlstm.triton._chunkwise import MLSTMTritonConfig, default_config, mlstm_chunkwise_triton
+
+    small = MLSTMTritonConfig(chunk=32, block_t=16, block_k=16, block_v=16, block_k_state=16, block_v_state=16)
+    results = {}
+    for name, (B, NH, S, DQK, DV, dt, with_state, rk, gates, cfgname) in CASES.items():
+        dtype = getattr(torch, dt)
+        kw = {}
+        if gates == "extreme":  # saturated gates: i up to +-30, f from -30 (forget all) to +30 (keep all)
+            kw = {"i_gen": lambda g: 60 * torch.rand(B, NH, S, generator=g, dtype=torch.float64) - 30,
+                  "f_gen": lambda g: 60 * torch.rand(B, NH, S, generator=g, dtype=torch.float64) - 30}
+        case = make_mlstm_case(B, NH, S, DQK, DV, seed=len(name), with_state=with_state, **kw)
+        case = case.cast(dtype).up()  # the reference sees exactly the rounded inputs
+        resets = _resets(rk, B, S)
+        cfg = small if cfgname == "small" else default_config(DQK, DV)
+        got = _run(case, lambda q, k, v, i, f, s, r: mlstm_chunkwise_triton(q, k, v, i, f, s, 1e-6, r, cfg),
+                   dtype, resets)
+        ref = _run(case, lambda q, k, v, i, f, s, r: mlstm_reference(q, k, v, i, f, s, 1e-6, r),
+                   torch.float64, resets)
+        errs = {k: rel_err(got[k], ref[k]) for k in ref}
+        errs["finite"] = all(bool(torch.isfinite(t).all()) for t in got.values())
+        errs["h_dtype_ok"] = got["h"].dtype == dtype and got["C"].dtype == torch.float32
+        results[name] = errs
+
+    # decode step: forward and gradients (the backward recomputes in PyTorch), B=3 with DQK != DV
+    for dt in ("float32", "bfloat16"):
+        dtype = getattr(torch, dt)
+        g = torch.Generator().manual_seed(5)
+        B, NH, DQK, DV = 3, 2, 32, 48
+        x = {"q": torch.randn(B, NH, DQK, generator=g), "k": torch.randn(B, NH, DQK, generator=g),
+             "v": torch.randn(B, NH, DV, generator=g), "i": 2 * torch.randn(B, NH, generator=g),
+             "f": 2 * torch.randn(B, NH, generator=g) + 1}
+        x = {k: t.to(dtype).double() for k, t in x.items()}
+        st = {"C": torch.randn(B, NH, DQK, DV, generator=g, dtype=torch.float64),
+              "n": torch.randn(B, NH, DQK, generator=g, dtype=torch.float64),
+              "m": torch.randn(B, NH, generator=g, dtype=torch.float64)}
+        gh, gC, gn = (torch.randn(B, NH, DV, generator=g), torch.randn(B, NH, DQK, DV, generator=g),
+                      torch.randn(B, NH, DQK, generator=g))
+        outs = {}
+        for which in ("got", "ref"):
+            cd = dtype if which == "got" else torch.float64
+            sd = torch.float32 if which == "got" else torch.float64
+            lv = {k: t.to(cd).requires_grad_() for k, t in x.items()}
+            C0, n0 = st["C"].to(sd).requires_grad_(), st["n"].to(sd).requires_grad_()
+            fn = mlstm_step_triton if which == "got" else mlstm_step_reference
+            h, (C, n, m) = fn(lv["q"], lv["k"], lv["v"], lv["i"], lv["f"], (C0, n0, st["m"].to(sd)), 1e-6)
+            loss = (h.double() * gh.double()).sum() + (C.double() * gC.double()).sum() \
+                + (n.double() * gn.double()).sum()
+            grads = torch.autograd.grad(loss, [lv[k] for k in "qkvif"] + [C0, n0])
+            outs[which] = {"h": h, "C": C, "n": n, "m": m,
+                           **{"d_" + k: gr for k, gr in zip(list("qkvif") + ["C0", "n0"], grads)}}
+            if which == "got":
+                # the no-grad path (what decoding uses) must give the same numbers
+                with torch.no_grad():
+                    h2, _ = fn(lv["q"], lv["k"], lv["v"], lv["i"], lv["f"], (C0, n0, st["m"].to(sd)), 1e-6)
+                outs["nograd_same"] = bool(torch.equal(h2, h.detach()))
+                outs["inputs_untouched"] = bool(torch.equal(C0.detach(), st["C"].to(sd)))
+        errs = {k: rel_err(outs["got"][k], outs["ref"][k]) for k in outs["ref"]}
+        errs["nograd_same"] = outs["nograd_same"]
+        errs["inputs_untouched"] = outs["inputs_untouched"]
+        results["step_" + dt] = errs
+
+    # float64 is refused with a clear error, not silently computed in another precision
+    try:
+        q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+        mlstm_chunkwise_triton(q, q, q, q[..., 0], q[..., 0])
+        results["float64_refused"] = False
+    except ValueError:
+        results["float64_refused"] = True
+    return results
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunkwise_matches_reference(interp_results, name):
+    errs = dict(interp_results[name])
+    assert errs.pop("finite"), f"{name}: non-finite outputs or gradients"
+    assert errs.pop("h_dtype_ok"), f"{name}: wrong output dtypes"
+    tol = TOL[CASES[name][5]]
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"{name}: relative errors over {tol}: {bad} (all: {errs})"
+    # gradients for the initial state exist exactly when a state was given
+    assert ("d_C0" in errs) == CASES[name][6]
+
+
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_step_matches_reference(interp_results, dt):
+    errs = dict(interp_results["step_" + dt])
+    assert errs.pop("nograd_same")
+    assert errs.pop("inputs_untouched")
+    tol = 1e-5 if dt == "float32" else 1e-2
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"step {dt}: relative errors over {tol}: {bad} (all: {errs})"
+
+
+def test_float64_refused(interp_results):
+    assert interp_results["float64_refused"]
+
+
+def test_import_is_lazy():
+    code = ("import sys, fastxlstm, fastxlstm.ops, fastxlstm.ops.mlstm.triton as t; "
+            "print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print("RESULTS " + json.dumps(_worker()))
