@@ -104,6 +104,7 @@ def prepare_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     first = (~real).sum(dim=1)  # index of the first real token
     resets = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
     resets[torch.arange(B, device=input_ids.device), first] = True
+    resets[:, 0] = False  # an unpadded row starts from a fresh state anyway
     return resets
 
 
