@@ -1,10 +1,400 @@
-"""Command line: ``fastxlstm train | generate | eval`` (placeholder until the training issue lands)."""
+"""Command line: ``fastxlstm train | generate | eval | presets`` (also ``python -m fastxlstm``).
+
+    fastxlstm train                                   # small xLSTM on the Python standard library, ~5 min on CPU
+    fastxlstm generate --model runs/latest --prompt "def "
+    fastxlstm eval --model runs/latest                # held-out split of the default corpus
+    torchrun --nproc-per-node 2 -m fastxlstm train --preset 125m --device cuda
+
+Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2.
+Set FASTXLSTM_DEBUG=1 to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
 import sys
+from typing import Any, Dict, List, Optional
+
+__all__ = ["main", "build_parser"]
+
+_PROG = "fastxlstm"
 
 
-def main(argv=None) -> int:
-    print("fastxlstm: the train / generate / eval commands are coming soon (see the issues).", file=sys.stderr)
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=110)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsers
+# ----------------------------------------------------------------------------------------------------------
+
+def _parse_kv(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, val = text.split("=", 1)
+    import yaml
+    try:
+        value = yaml.safe_load(val)
+    except Exception:
+        value = val
+    return key.strip().replace("-", "_"), value
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    import typing
+    from .train.config import config_field_specs
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="YAML or TOML file of training options (keys as below, with _ or -); flags override it")
+    p.add_argument("--model-config", metavar="KEY=VALUE", action="append", type=_parse_kv, default=argparse.SUPPRESS,
+                   help="override one field of the model config, e.g. --model-config embedding_dim=256 "
+                        "(repeatable; values parsed as YAML: 3, 0.5, [1, 3], true)")
+    p.add_argument("--stdlib", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    groups = {
+        "model and data": ("preset", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
+        "optimisation": ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio",
+                         "weight_decay", "beta1", "beta2", "grad_clip", "precision", "compile", "seed"),
+        "evaluation, checkpoints and output": ("eval_every", "eval_windows", "log_every", "save_every",
+                                               "keep_checkpoints", "out", "resume", "stop_at", "tensorboard",
+                                               "sample_tokens", "sample_prompt", "progress"),
+        "hardware": ("device", "fsdp", "threads"),
+    }
+    specs = {name: (typ, default, help_) for name, typ, default, help_ in config_field_specs()}
+    for title, names in groups.items():
+        g = p.add_argument_group(title)
+        for name in names:
+            typ, default, help_ = specs[name]
+            flag = "--" + name.replace("_", "-")
+            base = typ
+            if typing.get_origin(typ) is typing.Union:
+                base = [a for a in typing.get_args(typ) if a is not type(None)][0]
+            shown = "none" if default is None else default
+            if base is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{help_} (default: {'on' if default else 'off'})")
+                continue
+            kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_} (default: {shown})",
+                                      "type": base, "metavar": name.upper().replace("_", "-")}
+            if name == "precision":
+                kwargs["choices"] = ["fp32", "bf16"]
+                kwargs.pop("metavar")
+            g.add_argument(flag, **kwargs)
+    # the config fields missing from the groups above would silently lose their flag: fail loudly instead
+    covered = {n for names in groups.values() for n in names} | {"model"}
+    assert covered == set(specs), f"CLI misses TrainConfig fields: {set(specs) - covered}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, formatter_class=_Formatter,
+                     description="xLSTM (mLSTM + sLSTM) in PyTorch: train, sample and evaluate language models.",
+                     epilog="Run 'fastxlstm COMMAND --help' for the options of each command.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"fastxlstm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train an xLSTM language model (default: small model, stdlib corpus, ~5 min CPU)",
+                       formatter_class=_Formatter,
+                       description="Train an xLSTM language model. With no arguments: the small preset on the "
+                                   "running interpreter's standard library (byte tokens), about 5 minutes on 2 CPU "
+                                   "cores, written to runs/<timestamp>/ with runs/latest pointing to it.\n"
+                                   "Precedence: defaults < --config FILE < command-line flags. Under torchrun the "
+                                   "model is wrapped in DDP (or FSDP2 with --fsdp) and only rank 0 writes.")
+    _add_train_args(p)
+
+    g = sub.add_parser("generate", help="sample text from a trained model, streaming it to the terminal",
+                       formatter_class=_Formatter,
+                       description="Sample a continuation of a prompt and stream it as it is generated. --model is "
+                                   "a run directory (runs/latest), its model/ folder, a checkpoint folder, or a "
+                                   "transformers xLSTM directory with its tokenizer.json. The prompt comes from "
+                                   "--prompt or, when absent, from standard input.")
+    g.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
+    g.add_argument("--prompt", metavar="TEXT", default=None, help="prompt text (default: read standard input)")
+    g.add_argument("--max-new-tokens", type=int, default=300, metavar="N", help="tokens to generate (default: 300)")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 is greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: smallest set of "
+                                                                          "tokens with probability >= P")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="cast the weights (default: as stored)")
+    g.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer.json to use instead of the one in the model directory")
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
+                       formatter_class=_Formatter,
+                       description="Evaluate a model on text: every document is read in order with the recurrent "
+                                   "state carried across --seq-len chunks and reset at document boundaries. "
+                                   "Prints loss (nats/token), perplexity and bits per byte.")
+    e.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
+    e.add_argument("--data", metavar="PATH", default=None,
+                   help="text file, directory of text files or .bin/.npy tokens (default: the held-out split of "
+                        "the standard-library corpus)")
+    e.add_argument("--data-dtype", default="uint16", help="dtype of a raw .bin token file (default: uint16)")
+    e.add_argument("--eod-token", type=int, default=None, help="document separator id in .bin/.npy data")
+    e.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
+                   help="evaluate at most N tokens, 0 for all (default: 200000)")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per forward call (default: 512)")
+    e.add_argument("--batch-size", type=int, default=8, help="parallel rows (default: 8)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    e.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer.json to use instead of the one in the model directory")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
+                   description="List the model presets accepted by 'fastxlstm train --preset'.")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------------------
+
+def _train_config(ns: argparse.Namespace):
+    from .train.config import TrainConfig, load_config_file
+    values: Dict[str, Any] = {}
+    if hasattr(ns, "config"):
+        values.update(load_config_file(ns.config))
+    model_over = dict(values.pop("model", None) or {})
+    if "model_config" in values:
+        raise UsageError("use the key 'model' (a mapping) for model config fields in --config files")
+    for key, val in getattr(ns, "model_config", []) or []:
+        model_over[key] = val
+    skip = {"command", "config", "model_config", "stdlib"}
+    for key, val in vars(ns).items():
+        if key not in skip:
+            values[key] = val
+    values["model"] = model_over
+    return TrainConfig.from_dict(values)
+
+
+def _check_train_inputs(cfg) -> None:
+    """Cheap checks before anything slow, so typos fail in a second with one line."""
+    if cfg.preset != "default":
+        from .models.presets import list_presets
+        if cfg.preset not in list_presets():
+            raise UsageError(f"--preset {cfg.preset!r} does not exist; choose from: default, "
+                             f"{', '.join(list_presets())}")
+    if cfg.data is not None and not os.path.exists(cfg.data):
+        raise UsageError(f"--data {cfg.data}: no such file or directory")
+    if cfg.tokenizer not in ("bytes", "byte") and not os.path.exists(cfg.tokenizer):
+        raise UsageError(f"--tokenizer {cfg.tokenizer}: no such file (use 'bytes' or a tokenizer.json)")
+    if cfg.stop_at is not None and cfg.stop_at >= cfg.steps:
+        raise UsageError(f"--stop-at {cfg.stop_at} must be below --steps {cfg.steps}")
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _train_config(ns)
+    _check_train_inputs(cfg)
+    from .train.trainer import train
+    train(cfg)
     return 0
+
+
+def _find_model_dir(path: str):
+    """(directory holding config.json + weights, or None; checkpoint directory, or None) for --model."""
+    from .train.checkpoint import latest_checkpoint
+    from .train.trainer import resolve_run_dir
+    path = resolve_run_dir(path)
+    if not os.path.exists(path):
+        raise UsageError(f"--model {path}: no such directory")
+    if not os.path.isdir(path):
+        raise UsageError(f"--model {path}: not a directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    if os.path.isfile(os.path.join(path, "model", "config.json")):
+        return os.path.join(path, "model"), None
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return None, path
+    ck = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if ck is not None:
+        return None, ck
+    raise UsageError(f"--model {path}: no config.json, model/ or checkpoints/ found (not a model or run directory)")
+
+
+def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Optional[str]):
+    import torch
+    from .data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+    from .train.trainer import config_from_dict, resolve_run_dir
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype_name]
+    model_dir, ckpt_dir = _find_model_dir(path)
+    if model_dir is not None:
+        from .models.io import from_pretrained
+        model = from_pretrained(model_dir, device=device, dtype=dtype)
+        tok_dirs = [model_dir, os.path.dirname(os.path.abspath(model_dir))]
+    else:
+        from .models.presets import build_model
+        from .train.checkpoint import load_checkpoint
+        model_sd, _, _, _, mcfg = load_checkpoint(ckpt_dir, load_optimizer=False)
+        with torch.device("meta"):
+            model = build_model(config_from_dict(mcfg["config"]))
+        model.load_state_dict(model_sd, assign=True, strict=True)
+        model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
+        tok_dirs = [ckpt_dir, os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))]
+    if tokenizer_path is not None:
+        if not os.path.exists(tokenizer_path):
+            raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
+        tok = HFTokenizer.from_file(tokenizer_path)
+    else:
+        tok = None
+        for d in tok_dirs:
+            if os.path.isfile(os.path.join(d, "tokenizer.json")) or \
+                    os.path.isfile(os.path.join(d, "tokenizer_config.json")):
+                tok = load_tokenizer(d)
+                if isinstance(tok, ByteTokenizer) and os.path.isfile(os.path.join(d, "tokenizer_config.json")):
+                    import json
+                    with open(os.path.join(d, "tokenizer_config.json"), encoding="utf-8") as f:
+                        kind = json.load(f).get("type")
+                    if kind != "bytes":  # a transformers tokenizer_config.json without its tokenizer.json
+                        tok = None
+                        continue
+                break
+        if tok is None:
+            if model.vocab_size == 256:
+                tok = ByteTokenizer()
+            else:
+                raise UsageError(f"--model {path}: no tokenizer.json beside the model (vocab {model.vocab_size}); "
+                                 f"pass --tokenizer PATH")
+    if tok.vocab_size > model.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size}")
+    return model, tok
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    if ns.max_new_tokens < 0:
+        raise UsageError("--max-new-tokens must be >= 0")
+    if ns.temperature < 0 or not math.isfinite(ns.temperature):
+        raise UsageError("--temperature must be >= 0")
+    if ns.top_k is not None and ns.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    prompt = ns.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt: pass --prompt TEXT or pipe text into standard input")
+        prompt = sys.stdin.read()
+    if prompt == "":
+        raise UsageError("the prompt is empty")
+    from .train.distributed import pick_device
+    device = pick_device(ns.device, 0)
+    model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    from .train.trainer import sample_text
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sample_text(model, tok, prompt, ns.max_new_tokens, seed=ns.seed, temperature=ns.temperature,
+                top_k=ns.top_k, top_p=ns.top_p, stream=emit)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    import json
+    if ns.seq_len < 1 or ns.batch_size < 1 or ns.max_tokens < 0:
+        raise UsageError("--seq-len and --batch-size must be >= 1, --max-tokens >= 0")
+    if ns.data is not None and not os.path.exists(ns.data):
+        raise UsageError(f"--data {ns.data}: no such file or directory")
+    from .train.distributed import pick_device
+    device = pick_device(ns.device, 0)
+    model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    from .data.corpus import load_corpus, load_memmap, load_text_documents, _encode_docs
+    from .train.evaluation import evaluate_stream
+    if ns.data is None:
+        stream = load_corpus(None, tok).eval
+        what = "held-out split of the standard-library corpus"
+    elif ns.data.endswith((".bin", ".npy")):
+        c = load_memmap(ns.data, ns.data_dtype, ns.eod_token, vocab_size=model.vocab_size)
+        from .data.corpus import TokenStream
+        import numpy as np
+        toks = np.concatenate([np.asarray(c.train.tokens), np.asarray(c.eval.tokens)])
+        starts = np.concatenate([c.train.doc_start, c.eval.doc_start[:1] * False, c.eval.doc_start[1:]])
+        stream = TokenStream(toks, starts, int(starts.sum()))
+        what = ns.data
+    else:
+        tr, ev, _ = load_text_documents(ns.data)
+        texts = tr + ev if os.path.isdir(ns.data) else ["".join(tr + ev)]
+        stream = _encode_docs(tok, texts)
+        what = ns.data
+    r = evaluate_stream(model, stream, tok.token_bytes(), ns.seq_len, ns.batch_size,
+                        ns.max_tokens if ns.max_tokens > 0 else None)
+    if ns.json:
+        print(json.dumps({"data": what, **r}))
+    else:
+        print(f"{what}: loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.3f} | "
+              f"bits per byte {r['bpb']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_presets(ns: argparse.Namespace) -> int:
+    from .models.presets import list_presets
+    from .train.config import DEFAULT_RUN_MODEL
+    print(f"{'default':10s} {'':>14s}  the model of 'fastxlstm train' with no --preset: {DEFAULT_RUN_DESCRIPTION}")
+    for name, (desc, count) in list_presets().items():
+        print(f"{name:10s} {count:>14,}  {desc}")
+    return 0
+
+
+DEFAULT_RUN_DESCRIPTION = "see fastxlstm/train/config.py"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``fastxlstm`` script; returns the exit code (2 for usage errors)."""
+    parser = build_parser()
+    debug = os.environ.get("FASTXLSTM_DEBUG", "") not in ("", "0")
+    from .data.corpus import CorpusError
+    from .train.checkpoint import CheckpointError
+    try:
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return 2
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
+                "presets": cmd_presets}[ns.command](ns)
+    except UsageError as e:
+        if debug:
+            raise
+        prog = f"{_PROG} {argv_command(argv)}".strip()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, CheckpointError) as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{_PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from .train.trainer import NonFiniteLoss
+        if isinstance(e, NonFiniteLoss) and not debug:
+            print(f"{_PROG}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def argv_command(argv: Optional[List[str]]) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    for a in args:
+        if a in ("train", "generate", "eval", "presets"):
+            return a
+    return ""
 
 
 if __name__ == "__main__":  # pragma: no cover
