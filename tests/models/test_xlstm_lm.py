@@ -360,6 +360,20 @@ def test_tied_weights():
     assert untied.num_parameters() - m.num_parameters() == V * 32
 
 
+def test_optim_groups():
+    m = XLSTMLM(XLSTMLMConfig(vocab_size=V, embedding_dim=32, num_blocks=2, slstm_at=(1,)))
+    decay, no_decay = (set(map(id, g["params"])) for g in m.optim_groups(0.1))
+    named = dict(m.named_parameters())
+    assert not decay & no_decay and len(decay) + len(no_decay) == len(named)
+    for name in ("blocks.0.layer.proj_up.weight", "blocks.0.layer.q_proj.weight", "blocks.1.layer.igate.weight",
+                 "blocks.1.ffn.proj_down.weight", "lm_head.weight", "blocks.0.layer.conv1d.weight"):
+        assert id(named[name]) in decay, name
+    for name in ("token_embedding.weight", "blocks.1.layer.recurrent_kernel", "blocks.1.layer.gate_bias",
+                 "blocks.0.layer.learnable_skip", "blocks.0.norm.weight", "blocks.0.layer.fgate.bias",
+                 "blocks.0.layer.outnorm.weight"):
+        assert id(named[name]) in no_decay, name
+
+
 def test_bad_inputs():
     model = make_model()
     ids = ids_for(2, 5)

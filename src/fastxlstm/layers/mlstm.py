@@ -206,7 +206,7 @@ class MLSTMLayer(nn.Module):
                                     state=cell_state, backend=backend, chunk_size=chunk_size, eps=self.cell_eps,
                                     resets=resets)
             h = h.transpose(1, 2)  # (B, S, NH, DH)
-        h = self.outnorm(h.to(x.dtype))  # (B, S, I)
+        h = self.outnorm(h).to(x.dtype)  # (B, S, I); normalised before rounding to a low-precision dtype
         h = (h + self.learnable_skip * x_c) * F.silu(z)
         return self.proj_down(h), MLSTMBlockState(C=C, n=n, m=m, conv=conv_state)
 

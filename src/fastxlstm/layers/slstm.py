@@ -105,7 +105,7 @@ class SLSTMLayer(nn.Module):
         cell_state = None if state is None else (state.c, state.n, state.m, state.h)
         h, (c, n, m, h_last) = _ops().slstm(gates, self.recurrent_kernel.to(cd), self.gate_bias.to(cd),
                                         state=cell_state, backend=backend, resets=resets)
-        y = self.group_norm(h.to(x.dtype))  # (B, S, E)
+        y = self.group_norm(h).to(x.dtype)  # (B, S, E)
         return y, SLSTMBlockState(c=c, n=n, m=m, h=h_last, conv=conv_state)
 
 

@@ -230,15 +230,16 @@ class XLSTMLM(XLSTMModelBase):
         nn.init.ones_(self.out_norm.weight)
 
     def optim_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
-        """AdamW parameter groups: decay on weight matrices only (not norms, biases, skip vectors, recurrent
-        kernels; the embedding only with ``config.weight_decay_on_embedding``)."""
+        """AdamW parameter groups: decay on weight matrices and conv filters only (not norms, biases, skip
+        vectors, recurrent kernels; the embedding only with ``config.weight_decay_on_embedding``), as the
+        official package groups them."""
         decay, no_decay, seen = [], [], set()
         emb = self.token_embedding.weight
         for name, p in self.named_parameters():
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            is_matrix = p.ndim >= 2 and "recurrent_kernel" not in name and "conv1d" not in name
+            is_matrix = p.ndim >= 2 and "recurrent_kernel" not in name and not name.endswith("bias")
             if p is emb:
                 is_matrix = self.config.weight_decay_on_embedding
             (decay if is_matrix else no_decay).append(p)
