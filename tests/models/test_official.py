@@ -107,3 +107,31 @@ def test_from_official_rejects_other_things():
     official = official_model(num_blocks=2, slstm_at=())
     with pytest.raises(ValueError):
         from_official(official, embedding_dim=64)  # only weight-independent fields may be overridden
+
+
+def test_official_large_dispatches_to_convert_large():
+    """An official xLSTMLarge goes to interop.official_large. CPU knobs: the mlstm_kernels "native" (torch)
+    kernels and mode="inference" (its "train" mode with native kernels fails a shape assertion on CPU)."""
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    from fastxlstm.models.xlstm_large import XLSTMLarge
+    torch.manual_seed(0)
+    cfg = xLSTMLargeConfig(embedding_dim=64, num_heads=4, num_blocks=2, vocab_size=V,
+                           chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native",
+                           step_kernel="native", mode="inference", chunk_size=16)
+    official = xLSTMLarge(cfg)
+    with torch.no_grad():
+        for p in official.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    official.eval()
+    ours = from_official(official)
+    assert isinstance(ours, XLSTMLarge)
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        want = official(ids)
+        want = want[0] if isinstance(want, tuple) else want
+        err = rel_err(ours(ids).logits, want)
+    record("official parity xLSTMLarge (via convert_large) S=20", {"logits": err})
+    assert err < 1e-4, err
+    with pytest.raises(ValueError):
+        from_official(official, chunk_size=4)

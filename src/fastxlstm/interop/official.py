@@ -173,7 +173,9 @@ def from_official(model: nn.Module, **config_overrides):
     """
     if _is_official_large(model):
         from .official_large import convert_large
-        return convert_large(model, **config_overrides) if config_overrides else convert_large(model)
+        if config_overrides:
+            raise ValueError("config overrides are only supported for xLSTMLMModel; convert the xLSTMLarge first")
+        return convert_large(model)
     if not (hasattr(model, "xlstm_block_stack") and hasattr(model, "token_embedding") and hasattr(model, "config")):
         raise ValueError(f"from_official needs an xlstm.xLSTMLMModel or xlstm.xLSTMLarge, got {type(model).__name__}")
     from ..models.xlstm_lm import XLSTMLM
