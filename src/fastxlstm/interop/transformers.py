@@ -6,7 +6,10 @@ are kernel/runtime settings that we ignore (they choose mlstm_kernels implementa
 
 Known differences we do not inherit (shared/spec/XLSTM.md section 4): transformers' ``qk_dim``/``v_dim`` config
 properties round up to 64 while its layers use ``int(hidden_size * factor)`` (its cache breaks unless the two
-agree); its "fused" weight mode is not loadable here; its ``add_out_norm=False`` still builds an out_norm.
+agree); its "fused" weight mode is not loadable here; its ``add_out_norm=False`` still builds an out_norm; and its out_norm
+never has a bias, even with ``use_bias=True`` (the official xLSTMLarge's has one): loading a transformers
+directory fills that bias with zeros (the function transformers computes), and exporting a model whose out_norm
+bias is nonzero to transformers is refused.
 
 transformers is imported only inside the functions that build transformers objects.
 """
@@ -18,7 +21,7 @@ from typing import Any, Dict
 
 from ..models.xlstm_large import XLSTMLargeConfig
 
-__all__ = ["config_from_transformers_dict", "config_to_transformers_dict", "from_transformers_model",
+__all__ = ["fill_transformers_gaps", "config_from_transformers_dict", "config_to_transformers_dict", "from_transformers_model",
            "to_transformers_model", "to_transformers_config", "IGNORED_TRANSFORMERS_KEYS"]
 
 # kernel choices and runtime switches: they pick an implementation, not the function computed
@@ -49,6 +52,15 @@ _TRANSFORMERS_KERNEL_DEFAULTS = {
     "weight_mode": "single",
     "use_cache": True,
 }
+
+
+def fill_transformers_gaps(config: XLSTMLargeConfig, tensors) -> None:
+    """Add, in place, the tensors a transformers checkpoint lacks by construction (its out_norm has no bias)."""
+    import torch
+    key = "backbone.out_norm.bias"
+    if config.use_bias and config.add_out_norm and key not in tensors:
+        like = tensors.get("backbone.out_norm.weight")
+        tensors[key] = torch.zeros(config.hidden_size, dtype=like.dtype if like is not None else torch.float32)
 
 
 def config_from_transformers_dict(d: Dict[str, Any]) -> XLSTMLargeConfig:
@@ -139,6 +151,7 @@ def from_transformers_model(hf_model, dtype=None):
             model = XLSTMLarge(config)
         else:
             sd.pop("lm_head.weight", None)
+    fill_transformers_gaps(config, sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -152,11 +165,17 @@ def to_transformers_model(model, **config_overrides):
     """A transformers ``xLSTMForCausalLM`` with our model's weights (copied). ``config_overrides`` as in
     :func:`to_transformers_config`."""
     from transformers import xLSTMForCausalLM
+    bias = getattr(model.backbone.out_norm, "bias", None)
+    if bias is not None and bool((bias != 0).any()):
+        raise ValueError("transformers' xLSTM out_norm has no bias, but this model's backbone.out_norm.bias is "
+                         "nonzero: it cannot be expressed as a transformers model")
     hf_config = to_transformers_config(model.config, **config_overrides)
     hf = xLSTMForCausalLM(hf_config)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # transformers' xLSTMForCausalLM never ties lm_head to the embedding (it has no tied-weights keys), so a
     # tied model is written as two equal matrices: the function is the same
+    if bias is not None:
+        sd.pop("backbone.out_norm.bias")
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"state dict does not match transformers' model: missing {missing[:5]}, unexpected "

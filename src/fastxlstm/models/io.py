@@ -170,6 +170,16 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
     os.makedirs(parent, exist_ok=True)
     config = _config_dict(model)
     tensors = _state_tensors(model)
+    if config.get("model_type") == "xlstm":
+        # exactly transformers' key set: its out_norm has no bias (a zero bias is the same function)
+        bias = tensors.get("backbone.out_norm.bias")
+        if bias is not None:
+            if bool((bias == 0).all()):
+                del tensors["backbone.out_norm.bias"]
+            else:
+                warnings.warn("backbone.out_norm.bias is nonzero: fastxlstm loads this checkpoint, but "
+                              "transformers' xLSTMForCausalLM (whose out_norm has no bias) would ignore it",
+                              stacklevel=3)
     shards = _shard(tensors, max_bytes)
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
@@ -360,6 +370,11 @@ def from_pretrained(directory: Union[str, os.PathLike], device=None, dtype: Opti
     config_path = os.path.join(directory, CONFIG_NAME)
     model_cls, config = _build_config(_read_json(config_path, "model config"), config_path)
     tensors, origin = _read_weights(directory)
+    if config.model_type == "xlstm":
+        from ..interop.transformers import fill_transformers_gaps
+        before = set(tensors)
+        fill_transformers_gaps(config, tensors)
+        origin.update({k: f"{directory} (filled in: transformers has no such tensor)" for k in set(tensors) - before})
 
     model = _build_model(model_cls, config)
     aliases = _aliases(model)
