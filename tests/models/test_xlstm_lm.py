@@ -433,3 +433,16 @@ def test_generate_greedy_matches_argmax_loop_and_left_padding():
     got = model.generate(batch, max_new_tokens=4, do_sample=False, attention_mask=mask)
     alone = model.generate(short, max_new_tokens=4, do_sample=False)
     assert torch.equal(got[1, 2:], alone[0])
+
+
+def test_bfloat16_model_runs_close_to_float32():
+    m32 = make_model()
+    m16 = make_model().to(torch.bfloat16)
+    ids = ids_for(2, 9)
+    out = m16(ids)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    assert out.state.blocks[0].C.dtype == torch.float32 and out.state.blocks[0].conv.dtype == torch.bfloat16
+    assert _rel(out.logits, m32(ids).logits) < 5e-2
+    # decoding in bf16 with the carried state
+    step = m16(ids[:, :1], state=out.state)
+    assert torch.isfinite(step.logits).all()
