@@ -253,3 +253,29 @@ def test_bad_inputs():
         m.init_state(0)
     with pytest.raises(ValueError, match="XLSTMLargeConfig"):
         XLSTMLarge({"hidden_size": 32})
+
+
+def test_num_parameters_and_base_helpers():
+    m = make_model()
+    E = 32
+    total = sum(p.numel() for p in m.parameters())
+    assert m.num_parameters() == total
+    assert m.num_parameters(exclude_embeddings=True) == total - 2 * V * E
+    tied = make_model(tie_word_embeddings=True)
+    assert tied.num_parameters(exclude_embeddings=True) == total - 2 * V * E
+    assert m.vocab_size == V and m.device.type == "cpu" and m.dtype == torch.float32
+
+
+def test_bfloat16_prefill_and_decode():
+    m = make_model(torch.bfloat16)
+    ids = ids_for(2, 12)
+    full = m(ids).logits
+    out = m(ids[:, :9])
+    logits, st = [out.logits], out.state
+    assert st.blocks[0].C.dtype == torch.float32  # states stay float32 in a bf16 model
+    for t in range(9, 12):
+        out = m(ids[:, t:t + 1], state=st)
+        logits.append(out.logits)
+        st = out.state
+    assert torch.isfinite(torch.cat(logits, 1)).all()
+    assert rel_err(torch.cat(logits, 1), full) < 5e-2

@@ -10,7 +10,10 @@ A subclass provides:
   input_ids (B, S) int64 in [0, vocab_size); state an ``XLSTMState`` (None is fresh); resets (B, S) bool, True at t
   clears the state before token t (packed documents, left padding); returns float32 logits (B, S, V) and the state
   after the last token (None when return_state=False). States are never modified in place.
-- ``init_state(batch_size, device=None, dtype=None) -> XLSTMState``: a fresh (zero) state.
+- ``init_state(batch_size, device=None, dtype=None) -> XLSTMState``: a fresh (zero) state. It must accept
+  ``device="meta"``: ``check_state`` compares a given state's shapes with a meta-device fresh state (no memory).
+- optionally ``get_input_embeddings()`` when the embedding is not the first ``nn.Embedding`` found, and a
+  ``lm_head`` attribute (the output projection) for ``num_parameters(exclude_embeddings=True)``.
 
 It gets:
 
@@ -20,6 +23,10 @@ It gets:
   dtype=None)`` (see :mod:`fastxlstm.models.io`): config.json + safetensors, written atomically.
 - ``num_parameters(exclude_embeddings=False)``, ``device`` and ``dtype`` properties, and the input checks
   ``check_input_ids`` / ``check_resets`` / ``check_state`` that forward() implementations should call.
+
+Generation needs nothing more than forward/init_state: prefill is ``forward(prompt, resets=...)`` and each step
+``forward(token[:, None], state=state)``. Left padding reaches the model only through ``resets``, so every
+per-token memory a subclass keeps (cell states, conv windows) must honour them.
 """
 from __future__ import annotations
 
