@@ -187,9 +187,10 @@ class MLSTMLayer(nn.Module):
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
         gate_in = torch.cat([q, k, v], dim=-1)
         gd = _cell_dtype(x.dtype)
-        # gates in float32: exp(i) is sensitive to bf16 rounding of the pre-activation
-        i_pre = self.igate(gate_in).to(gd)  # (B, S, NH)
-        f_pre = self.fgate(gate_in).to(gd)
+        # gate pre-activations in float32 (NH outputs, cheap): exp(i) amplifies any bf16 rounding of them
+        gate_in = gate_in.to(gd)
+        i_pre = F.linear(gate_in, self.igate.weight.to(gd), self.igate.bias.to(gd))  # (B, S, NH)
+        f_pre = F.linear(gate_in, self.fgate.weight.to(gd), self.fgate.bias.to(gd))
         cell_state = None if state is None else (state.C, state.n, state.m)
         if S == 1:
             step_backend = "triton" if backend == "triton" else (
