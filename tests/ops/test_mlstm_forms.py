@@ -347,6 +347,20 @@ def test_auto_works_on_cpu(dtype):
     _check(compare_runs(got, _reference(65, True, dtype)), TOL[dtype], f"auto {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_inputs(backend, dtype):
+    """Half inputs: h comes back in the input dtype, the state in float32 (the op's contract), and the result is
+    the float64 reference's up to half-precision rounding of h (2^-8 relative for bfloat16)."""
+    S = 65
+    case = _case(S, True).cast(dtype)
+    got = run_mlstm(case, backend, chunk_size=16, grad=False)
+    assert got.h.dtype == dtype
+    assert got.C.dtype == got.n.dtype == got.m.dtype == torch.float32
+    errs = compare_runs(got, run_mlstm(case.up(), "reference", grad=False))
+    _check(errs, 1e-2, f"half {backend} {dtype}")
+
+
 def test_state_m_may_have_trailing_unit_dim():
     case = _case(7, True)
     t = case.tensors
