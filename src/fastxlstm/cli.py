@@ -27,7 +27,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise UsageError(message)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -370,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         prog = f"{_PROG} {argv_command(argv)}".strip()
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, CheckpointError) as e:
         if debug:
