@@ -223,6 +223,27 @@ def test_extreme_gates(kind, backend, dtype):
     assert not bad, f"extreme {kind} {backend} {dtype}: " + ", ".join(f"{k}={v:.2e}" for k, v in errs.items())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_gates_with_resets(backend):
+    """The 7B's regime (input bias -10) with packed documents: resets at random positions (including runs of
+    consecutive ones and position 0) must not create NaN/Inf through -inf arithmetic, forward or backward."""
+    kind = "shifted"
+    case = _extreme_case(kind).cast(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    resets = torch.rand(1, S_EXTREME, generator=g) < 0.01
+    resets[0, 0] = True
+    resets[0, 1000:1003] = True
+    got = run_mlstm(case, backend, chunk_size=64, resets=resets)
+    for name, t in {**got.outputs(), **{"d_" + k: v for k, v in got.grads.items()}}.items():
+        assert_finite(name, t)
+    ref = run_mlstm(case.up(), "reference", resets=resets)
+    own = compare_runs(run_mlstm(case, "reference", resets=resets), ref)
+    errs = compare_runs(got, ref)
+    record(f"extreme+resets {backend}", errs)
+    bad = {k: v for k, v in errs.items() if v >= max(EXTREME_F32_FLOOR, EXTREME_F32_FACTOR * own[k])}
+    assert not bad, f"extreme+resets {backend}: " + ", ".join(f"{k}={v:.2e}" for k, v in errs.items())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # resets (packed documents)
 # ----------------------------------------------------------------------------------------------------------
