@@ -282,6 +282,24 @@ def test_resets_equal_separate_documents(with_state):
     assert _rel(step.logits[1:2], cont.logits) < 1e-5
 
 
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_random_resets_random_split_equal_separate_documents(seed):
+    """Random document boundaries in a packed batch, processed in two calls at a random split point."""
+    g = torch.Generator().manual_seed(seed)
+    model = make_model(seed=seed)
+    B, S = 2, 17
+    ids = ids_for(B, S, seed=seed)
+    resets = torch.rand(B, S, generator=g) < 0.2
+    cut = int(torch.randint(1, S, (1,), generator=g))
+    first = model(ids[:, :cut], resets=resets[:, :cut])
+    second = model(ids[:, cut:], state=first.state, resets=resets[:, cut:])
+    packed = torch.cat([first.logits, second.logits], 1)
+    for row in range(B):
+        for a, b in _segments(resets[row], S):
+            alone = model(ids[row:row + 1, a:b]).logits
+            assert _rel(packed[row:row + 1, a:b], alone) < 1e-4, (row, a, b, cut)
+
+
 def test_state_not_modified_in_place_and_reusable():
     model = make_model()
     ids = ids_for(2, 9)
