@@ -10,9 +10,7 @@ The recurrent state is the cell's (C, n, m) plus the conv window, carried as an 
 """
 from __future__ import annotations
 
-import importlib
 import math
-import types
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.state import MLSTMBlockState
+from ..ops import mlstm, mlstm_step
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm
 
@@ -39,19 +38,6 @@ def small_init_(w: torch.Tensor, dim: int) -> torch.Tensor:
 def wang_init_(w: torch.Tensor, dim: int, num_blocks: int) -> torch.Tensor:
     """N(0, 2 / (L sqrt(dim))), for projections that write into the residual stream."""
     return nn.init.normal_(w, mean=0.0, std=2.0 / max(num_blocks, 1) / math.sqrt(dim))
-
-
-def _ops():
-    """The module ``fastxlstm.ops`` with ``ops.mlstm`` / ``ops.slstm`` being the functions.
-
-    Loading the subpackages ``fastxlstm.ops.mlstm`` / ``.slstm`` (the ops do it on first call) rebinds those
-    attributes of ``fastxlstm.ops`` to the subpackages, so the functions are looked up at call time and the
-    package is re-executed once if it was shadowed (the subpackages are then cached, so it does not recur).
-    """
-    from .. import ops as ops_pkg
-    if isinstance(ops_pkg.mlstm, types.ModuleType) or isinstance(ops_pkg.slstm, types.ModuleType):
-        importlib.reload(ops_pkg)
-    return ops_pkg
 
 
 def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +181,7 @@ class MLSTMLayer(nn.Module):
         if S == 1:
             step_backend = "triton" if backend == "triton" else (
                 "auto" if backend == "auto" else "torch")
-            h, (C, n, m) = _ops().mlstm_step(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
+            h, (C, n, m) = mlstm_step(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
                                          i_pre.view(B, NH), f_pre.view(B, NH), cell_state, eps=self.cell_eps,
                                          backend=step_backend)
             h = h.view(B, 1, NH, DH)
@@ -203,7 +189,7 @@ class MLSTMLayer(nn.Module):
             def heads(t):
                 return t.view(B, S, NH, DH).transpose(1, 2)
 
-            h, (C, n, m) = _ops().mlstm(heads(q), heads(k), heads(v), i_pre.transpose(1, 2), f_pre.transpose(1, 2),
+            h, (C, n, m) = mlstm(heads(q), heads(k), heads(v), i_pre.transpose(1, 2), f_pre.transpose(1, 2),
                                     state=cell_state, backend=backend, chunk_size=chunk_size, eps=self.cell_eps,
                                     resets=resets)
             h = h.transpose(1, 2)  # (B, S, NH, DH)

@@ -14,6 +14,12 @@ import torch
 
 from ._checks import (check_same_device, check_same_dtype, check_shape, check_tensor, compute_dtype)
 
+# Load the subpackages of the same names now, before the functions below are defined: Python binds a package
+# attribute when a subpackage is first imported, so a later first import (e.g. inside mlstm()) would replace the
+# function ``fastxlstm.ops.mlstm`` by the subpackage. Their __init__ files import nothing heavy.
+from . import mlstm as _mlstm_forms  # noqa: F401,E402
+from . import slstm as _slstm_forms  # noqa: F401,E402
+
 __all__ = ["mlstm", "mlstm_step", "slstm", "MLSTM_BACKENDS", "SLSTM_BACKENDS", "triton_available"]
 
 MLSTM_BACKENDS = ("auto", "reference", "parallel", "chunkwise", "recurrent", "triton")
@@ -234,6 +240,7 @@ def slstm(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Ten
                          f"got {tuple(x.shape)}")
     check_shape("R", R, (4, NH, DH, DH), "(4, NH, DH, DH)")
     check_shape("b", b, (4, NH, DH), "(4, NH, DH)")
+    check_same_dtype(R=R, b=b)  # x may differ (e.g. bf16 activations with fp32 weights); all run in float32+
     device = check_same_device(x=x, R=R, b=b)
     if B == 0 or NH == 0 or DH == 0:
         raise ValueError(f"empty dimension in x {tuple(x.shape)}")

@@ -46,7 +46,7 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
         if dtype is None:
             dtype, first = t.dtype, name
         elif t.dtype != dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but {first} has {dtype}: they must match")
+            raise ValueError(f"{name} has dtype {t.dtype} but {first} has dtype {dtype}: they must match")
     return dtype
 
 
