@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
+from ..ops import mlstm, mlstm_step
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
 from .state import MLSTMBlockState, XLSTMState
@@ -207,11 +208,11 @@ class MLSTMLargeLayer(nn.Module):
                 cell_state = (torch.where(keep[..., None, None], C, torch.zeros_like(C)),
                               torch.where(keep[..., None], n, torch.zeros_like(n)),
                               torch.where(keep, m, torch.zeros_like(m)))
-            h, (C, n, m) = _ops().mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+            h, (C, n, m) = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
                                             cell_state, eps=self.eps)
             h = h.unsqueeze(2)
         else:
-            h, (C, n, m) = _ops().mlstm(q, k, v, i, f, state=cell_state, backend=backend,
+            h, (C, n, m) = mlstm(q, k, v, i, f, state=cell_state, backend=backend,
                                         chunk_size=self.chunk_size, eps=self.eps, resets=resets)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
         y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
@@ -244,22 +245,6 @@ class XLSTMLargeBackbone(nn.Module):
         self.blocks = nn.ModuleList(MLSTMLargeBlock(c) for _ in range(c.num_hidden_layers))
         self.out_norm = (_RMSNorm(c.hidden_size, c.norm_eps, c.norm_reduction_force_float32, c.use_bias)
                          if c.add_out_norm else nn.Identity())
-
-
-def _ops():
-    """fastxlstm.ops, with ``ops.mlstm`` guaranteed to be the function.
-
-    Importing the subpackage ``fastxlstm.ops.mlstm`` (any backend's first call does) rebinds the attribute
-    ``fastxlstm.ops.mlstm`` from the function to the subpackage (Python sets a package attribute for each loaded
-    submodule). Until ops/__init__.py guards against it, re-executing ops/__init__.py restores the function (the
-    subpackage is already in sys.modules, so it is not rebound again).
-    """
-    import types
-    from .. import ops
-    if isinstance(ops.mlstm, types.ModuleType):
-        import importlib
-        importlib.reload(ops)
-    return ops
 
 
 class XLSTMLarge(XLSTMModelBase):
