@@ -17,7 +17,7 @@ from train_helpers import fast_args, read_metrics, write_corpus
 def _torchrun(args, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
     env.pop("PYTEST_XDIST_WORKER", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "fastxlstm", *args, "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -28,10 +28,16 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def _assert_close(a, b, atol=2e-6):
+def _assert_close(a, b, atol, rtol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+# Weights after an AdamW step: the update lr * g / (|g| + eps) amplifies float reduction-order differences of
+# near-zero gradients (|g| ~ eps = 1e-8) up to a fraction of lr (0.01 here), so weights are compared to 3% of lr.
+# The gradients themselves are compared tightly through AdamW's first moment (exp_avg = 0.1 g after one step).
+W_ATOL = 3e-4
 
 
 def test_ddp_and_fsdp_match_single_process(tmp_path):
@@ -45,19 +51,19 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
     _torchrun(fast_args(data, fsdp, steps=2, batch_size=2, stop_at=1) + ["--fsdp"], tmp_path)
 
     step1 = _weights(os.path.join(single, "checkpoints", "step_00000001"))
-    init_differs = False
     for run in (ddp, fsdp):
         w = _weights(os.path.join(run, "checkpoints", "step_00000001"))
-        _assert_close(w, step1)
+        _assert_close(w, step1, atol=W_ATOL)
+        opt = load_file(os.path.join(run, "checkpoints", "step_00000001", "optimizer.safetensors"))
+        ref = load_file(os.path.join(single, "checkpoints", "step_00000001", "optimizer.safetensors"))
+        grads = {k: v for k, v in opt.items() if k.endswith("/exp_avg")}
+        assert len(grads) == len(w)
+        _assert_close(grads, {k: ref[k] for k in grads}, atol=1e-9, rtol=1e-4)
         m_single = [r for r in read_metrics(single) if r["split"] == "train" and r["step"] == 1][0]
         m_run = [r for r in read_metrics(run) if r["split"] == "train" and r["step"] == 1][0]
         assert m_run["loss"] == pytest.approx(m_single["loss"], rel=1e-6)
         assert m_run["grad_norm"] == pytest.approx(m_single["grad_norm"], rel=1e-5)
-    # the optimizer state came back unsharded too
-    opt = load_file(os.path.join(fsdp, "checkpoints", "step_00000001", "optimizer.safetensors"))
-    ref = load_file(os.path.join(single, "checkpoints", "step_00000001", "optimizer.safetensors"))
-    _assert_close(opt, ref, atol=1e-7)
 
     # the 2-process checkpoint resumes in one process and lands on the single-process run
     assert main(fast_args(data, ddp, steps=2, batch_size=4, resume=True)) == 0
-    _assert_close(_weights(os.path.join(ddp, "model")), _weights(os.path.join(single, "model")))
+    _assert_close(_weights(os.path.join(ddp, "model")), _weights(os.path.join(single, "model")), atol=2 * W_ATOL)
