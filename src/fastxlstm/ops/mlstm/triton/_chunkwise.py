@@ -48,6 +48,7 @@ class MLSTMTritonConfig:
     num_warps: int = 4
     num_stages: int = 2
     num_warps_state: int = 4
+    num_stages_state: int = 2
 
     def __post_init__(self):
         for name in ("chunk", "block_t", "block_k", "block_v", "block_k_state", "block_v_state"):
@@ -65,9 +66,8 @@ def _pow2_at_least16(x: int) -> int:
 def default_config(DQK: int, DV: int) -> MLSTMTritonConfig:
     bk = min(_pow2_at_least16(DQK), 128)
     bv = min(_pow2_at_least16(DV), 128)
-    return MLSTMTritonConfig(chunk=128, block_t=64, block_k=bk, block_v=bv,
-                             block_k_state=min(bk, 64), block_v_state=min(bv, 64),
-                             num_warps=8 if bk * bv >= 128 * 128 else 4)
+    return MLSTMTritonConfig(chunk=64, block_t=64, block_k=bk, block_v=bv,
+                             block_k_state=bk, block_v_state=min(bv, 64), num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
     tt = tl.arange(0, L)
     for c in range(0, NC):
         sbase = (bh * NC + c) * DQK * DV
-        tl.store(Cbuf_ptr + sbase + cofs, C, mask=cmask)
+        tl.store(Cbuf_ptr + sbase + cofs, C.to(Cbuf_ptr.dtype.element_ty), mask=cmask)
         if pv == 0:
             tl.store(nbuf_ptr + (bh * NC + c) * DQK + dk, n, mask=mk)
         if (pv == 0) & (pk == 0):
@@ -162,6 +162,7 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
         kk = tl.load(k_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         vv = tl.load(v_ptr + (bh * S + t[:, None]) * DV + dv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         kw = kk.to(tl.float32) * w[:, None]
+        # 16-bit operands (the gate-weighted keys rounded once): fp32/tf32 operands here measured 1.7x slower
         C = G * C + _dot(tl.trans(kw.to(vv.dtype)), vv, IP, UP)
         n = G * n + tl.sum(kw, 0)
         m = bL + ML
@@ -245,9 +246,34 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr,
         tl.store(mo_ptr + bh * S + tq, mt, mask=mq)
 
 
+@triton.jit(do_not_specialize=["R"])
+def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, R, eps,
+                     DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    # per token: rz = 1 / Z with Z = max(|den|, exp(-m)) + eps, and dden = -(dh . h) / Z on the |den| branch
+    # (m is a constant for autograd, so the exp(-m) branch passes no gradient)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mr = rows < R
+    acc = tl.zeros([BR], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        dv = v0 + tl.arange(0, BV)
+        msk = mr[:, None] & (dv < DV)[None, :]
+        hh = tl.load(h_ptr + rows[:, None] * DV + dv[None, :], mask=msk, other=0.0).to(tl.float32)
+        gg = tl.load(dh_ptr + rows[:, None] * DV + dv[None, :], mask=msk, other=0.0).to(tl.float32)
+        acc += tl.sum(hh * gg, 1)
+    den = tl.load(den_ptr + rows, mask=mr, other=1.0)
+    mt = tl.load(m_ptr + rows, mask=mr, other=0.0)
+    floor = tl.exp(-mt)
+    rz = 1.0 / (tl.maximum(tl.abs(den), floor) + eps)
+    sgn = tl.where(den > 0, 1.0, tl.where(den < 0, -1.0, 0.0))
+    dd = tl.where(tl.abs(den) > floor, -acc * rz * sgn, 0.0)
+    tl.store(rz_ptr + rows, rz, mask=mr)
+    tl.store(dd_ptr + rows, dd, mask=mr)
+
+
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, dCT_ptr, dnT_ptr,
-                      dCbuf_ptr, dnbuf_ptr, dC0_ptr, dn0_ptr, S, NC, scale,
+                      dCbuf_ptr, dnbuf_ptr, dC0_ptr, dn0_ptr, Cbuf_ptr, nbuf_ptr, E_ptr,
+                      S, NC, BH, scale,
                       DQK: tl.constexpr, DV: tl.constexpr, HAS_DSTATE: tl.constexpr, L: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     pk = tl.program_id(0)
@@ -268,7 +294,7 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
     tt = tl.arange(0, L)
     for cc in range(0, NC):
         c = NC - 1 - cc
-        tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, dC, mask=cmask)
+        tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, dC.to(dCbuf_ptr.dtype.element_ty), mask=cmask)
         if pv == 0:
             tl.store(dnbuf_ptr + (bh * NC + c) * DQK + dk, dn, mask=mk)
         so = bh * NC * L + c * L
@@ -277,6 +303,13 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
         MlocL = tl.load(M_ptr + so + L - 1)
         ML = tl.where(segL == 0, tl.maximum(m_prev, MlocL), MlocL)
         G = tl.where(segL == 0, tl.exp(m_prev - ML), 0.0)
+        # Eg_c = G_c (<dC_c, C_{c-1}> + <dn_c, n_{c-1}>): the part of d(chunk-end log-gate sum) that comes from
+        # the incoming state (the in-chunk part is summed per token from k . dk_inter, see _backward)
+        Cp = tl.load(Cbuf_ptr + (bh * NC + c) * DQK * DV + cofs, mask=cmask, other=0.0).to(tl.float32)
+        e = tl.sum(tl.sum(dC * Cp, 1), 0)
+        if pv == 0:
+            e += tl.sum(dn * tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0), 0)
+        tl.store(E_ptr + ((pk * tl.num_programs(1) + pv) * BH + bh) * NC + c, G * e)
         seg = tl.load(seg_ptr + so + tt)
         Mloc = tl.load(M_ptr + so + tt)
         Mt = tl.where(seg == 0, tl.maximum(m_prev, Mloc), Mloc)
@@ -370,7 +403,7 @@ def _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L: tl.constexpr):
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
-                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, S, NC, BH, scale,
+                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, S, NC, BH, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     NQ: tl.constexpr = L // BT
@@ -399,6 +432,7 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
         acc += _dot(vv, tl.trans(dCb.to(dt)), IP, UP)
     dnb = tl.load(dnbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
     acc = (acc + dnb[None, :]) * w[:, None]
+    tl.store(kdki_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
     for qi in range(kj, NQ):
         rq = qi * BT + tl.arange(0, BT)
         tq = c * L + rq
@@ -509,7 +543,9 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     r_arg = resets.to(torch.int8).contiguous() if has_reset else sb
     _scalars_kernel[(NC, BH)](f, i, r_arg, sb, sa, sseg, sM, S, NC, NH, HAS_RESET=has_reset, L=L)
 
-    Cbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=f32)
+    # the chunk states are only ever consumed as dot operands in q's dtype, so they are stored in it (half the
+    # traffic for bf16); the recurrence itself runs in fp32 registers
+    Cbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=q.dtype)
     nbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
     mbuf = torch.empty(BH, NC, device=dev, dtype=f32)
     C = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
@@ -523,7 +559,7 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     _fwd_state_kernel[grid](k, v, sb, sa, sseg, sM, C0 if has_state else C, n0 if has_state else n,
                             m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, DQK=DQK, DV=DV,
                             HAS_STATE=has_state, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
-                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages)
+                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
     h = torch.empty(B, NH, S, DV, device=dev, dtype=q.dtype)
     den = torch.empty(B, NH, S, device=dev, dtype=f32)
     mt = torch.empty(B, NH, S, device=dev, dtype=f32)
@@ -548,26 +584,24 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     ip = _ip(q.dtype)
     up = _upcast_dots(q.dtype)
     dh = dh.contiguous()
-    # normaliser Z = max(|den|, exp(-m)) + eps; h = numer / Z, m a constant: dden = -(dh . h) / Z on the |den| branch
-    floor = torch.exp(-mt)
-    Z = torch.maximum(den.abs(), floor) + eps
-    rz = 1.0 / Z
-    dhh = (dh.float() * h.float()).sum(-1)
-    dd = torch.where(den.abs() > floor, -dhh * rz * torch.sign(den), torch.zeros_like(den))
-    rz, dd = rz.contiguous(), dd.contiguous()
-
+    rz = torch.empty(B, NH, S, device=dev, dtype=f32)
+    dd = torch.empty_like(rz)
+    R = BH * S
+    _bwd_prep_kernel[(triton.cdiv(R, 32),)](h, dh, den, mt, rz, dd, R, eps, DV=DV, BR=32,
+                                            BV=min(128, _pow2_at_least16(DV)), num_warps=4)
     has_dstate = dC is not None or dn is not None
     dCT = dC.float().contiguous() if dC is not None else torch.zeros(B, NH, DQK, DV, device=dev, dtype=f32)
     dnT = dn.float().contiguous() if dn is not None else torch.zeros(B, NH, DQK, device=dev, dtype=f32)
-    dCbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=f32)
+    dCbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=q.dtype)
     dnbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
     dC0 = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
     dn0 = torch.empty(B, NH, DQK, device=dev, dtype=f32)
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
     grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
-    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, S, NC, scale,
+    Epart = torch.empty(grid[0] * grid[1], BH, NC, device=dev, dtype=f32)
+    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart, S, NC, BH, scale,
                             DQK=DQK, DV=DV, HAS_DSTATE=has_dstate, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
-                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages)
+                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
     BT = cfg.block_t
     NK = triton.cdiv(DQK, BK)
@@ -576,25 +610,30 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     dv = torch.empty_like(v)
     qdq = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdk = torch.empty(NK, BH, S, device=dev, dtype=f32)
+    kdki = torch.empty(NK, BH, S, device=dev, dtype=f32)
     nt = NC * (L // BT)
     _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
                                  scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, dCbuf, dnbuf, mbuf, dk, kdk, S, NC, BH,
+    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, dCbuf, dnbuf, mbuf, dk, kdk, kdki, S, NC, BH,
                                  scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, dCbuf, mbuf, dv, S, NC, scale,
                                                   DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # gate gradients from the per-token dot products (see the module docstring)
-    qdq = qdq.sum(0).view(B, NH, S)
+    # gate gradients from the per-token dot products (see the module docstring). Summed inside each chunk, with
+    # the pairs that cancel kept apart: for t in chunk c,
+    #   d log f_t = sum_{u >= t} (q.dq - k.dk_intra)_u + sum_{j < t} (k.dk_inter)_j + Eg_c
+    # where k.dk_inter is the part of k.dk that flows through the chunk's outgoing state and Eg_c the incoming
+    # state's share (algebraically the same as the global reverse cumsum, far less cancellation in bf16)
     kdk = kdk.sum(0).view(B, NH, S)
+    kdki = kdki.sum(0).view(B, NH, S)
     di = kdk
-    g = (qdq - kdk).double()
-    dlf = g.flip(-1).cumsum(-1).flip(-1)
-    if has_dstate:
-        E = (dCT.double() * C.double()).sum((-2, -1)) + (dnT.double() * n.double()).sum(-1)
-        dlf = dlf + E[..., None]
+    pad = NC * L - S
+    g = torch.nn.functional.pad((qdq.sum(0).view(B, NH, S) - (kdk - kdki)).double(), (0, pad)).view(B, NH, NC, L)
+    x = torch.nn.functional.pad(kdki.double(), (0, pad)).view(B, NH, NC, L)
+    dlf = g.flip(-1).cumsum(-1).flip(-1) + (x.cumsum(-1) - x) + Epart.double().sum(0).view(B, NH, NC, 1)
+    dlf = dlf.view(B, NH, NC * L)[..., :S]
     df = dlf * torch.sigmoid(-f.double())
     return dq, dk, dv, di, df, dC0, dn0
 
