@@ -100,8 +100,11 @@ def test_training_runs_on_each_format(tmp_path, fmt):
         data = str(tmp_path / f"t.{fmt}")
         arr.tofile(data) if fmt == "bin" else np.save(data, arr)
     run = str(tmp_path / "run")
-    assert main(fast_args(data, run, steps=2)) == 0
+    extra = {"tensorboard": True} if fmt == "txt" else {}
+    assert main(fast_args(data, run, steps=2, **extra)) == 0
     assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
+    if extra:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run, "tensorboard")))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -287,28 +287,34 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, se
 # ----------------------------------------------------------------------------------------------------------
 
 class _Interrupt:
-    """SIGINT sets a flag that the loop checks after each step (a second Ctrl-C aborts at once)."""
+    """SIGINT (Ctrl-C) and SIGTERM (preemption; torchrun forwards its signals as SIGTERM) set a flag that the
+    loop checks after each step, so a checkpoint is written; a second signal aborts at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
         import threading
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfastxlstm: interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        print(f"\nfastxlstm: {signal.Signals(signum).name} received: saving a checkpoint after this step "
+              f"(send it again to abort)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -506,6 +512,7 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                 # gradient equals one process's gradient of the global mean loss
                 scale = info.world_size / max(n_valid, 1)
                 for mi, mb in enumerate(micros):
+                    byte_sum += float((token_bytes[mb.targets] * mb.mask).sum())  # on the CPU copy: no sync
                     mb = mb.to(device)
                     sync = (mi == len(micros) - 1) or not hasattr(fwd, "no_sync")
                     ctx = contextlib.nullcontext() if sync else fwd.no_sync()
@@ -515,7 +522,6 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                         nll = lm_loss(out_.logits, mb.targets, mb.mask)
                         (nll * scale).backward()
                     loss_sum += nll.detach().double()
-                    byte_sum += (token_bytes[mb.targets.cpu()] * mb.mask.cpu()).sum().to(device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(),
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 if hasattr(grad_norm, "full_tensor"):
@@ -558,13 +564,17 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                     bar.update(1)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     last_eval = do_eval(step)
+                    msg = f"step {step}: held-out {last_eval['bpb']:.3f} bits per byte"
                     if bar is not None:
-                        bar.write(f"step {step}: held-out {last_eval['bpb']:.3f} bits per byte")
+                        bar.write(msg, file=sys.stderr)
+                    else:
+                        _log(info, msg)
                 if step_callback is not None:
                     step_callback(step, rec)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
-                if float(flags[2]) > 0 or intr.requested:
+                # ranks agree through the all-reduced flag; alone, the local flag also counts (set by the callback)
+                if float(flags[2]) > 0 or (not info.distributed and intr.requested):
                     stopped_reason = "interrupted"
                     break
                 if stop_at is not None and step >= stop_at and step < cfg.steps:
