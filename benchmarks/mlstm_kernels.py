@@ -471,6 +471,15 @@ def print_table(res, file=None):
                 cell = "crash" if "crash" in v else ("skipped" if v.startswith("skipped") else "error")
             cells.append(cell)
         lines.append(f"| {kn} | " + " | ".join(cells) + " |")
+    for an, vals in res.get("anchors_from_ANCHORS_md", {}).items():
+        if not isinstance(vals, dict) or "step" in an:
+            continue
+        cells = []
+        for n, S, mode in cols:
+            v = vals.get(f"{n}{S}")
+            v = None if v is None else v[0 if mode == "fw" else 1]
+            cells.append("-" if v is None else f"{v:.2f}")
+        lines.append(f"| {an} | " + " | ".join(cells) + " |")
     fl = []
     for n, S, mode in cols:
         t_b = floor_bytes(n, S, mode) / ce["copy_bytes_per_s"]
@@ -484,8 +493,13 @@ def print_table(res, file=None):
     for B, r in res["decode_ours"].items():
         c = comp.get(int(B), {})
         cv = f"{c['ms']:.4f}" if "ms" in c else (c.get("error", "-")[:40] or "-")
+        anc = res.get("anchors_from_ANCHORS_md", {}).get("mlstm_kernels triton step (anchor, ms)", {})
+        if cv == "-" and B in anc:
+            cv = f"{anc[B]} (anchor)"
         lines.append(f"| {B} | {r['ms']:.4f} | {r['tb_per_s']:.2f} | {r['ms_cuda_graph']:.4f} | "
                      f"{r['tb_per_s_cuda_graph']:.2f} | {cv} |")
+    if res.get("competitors_not_run"):
+        lines += ["", "Not run side by side: " + res["competitors_not_run"]]
     errs = [r for r in res.get("competitors", []) if "error" in r]
     if errs:
         lines += ["", "Competitor failures (first message):", ""]
@@ -509,6 +523,12 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     R = rows(res)
+    for an, vals in res.get("anchors_from_ANCHORS_md", {}).items():  # hatched: not measured side by side
+        if isinstance(vals, dict) and "step" not in an and "SDPA" not in an:
+            for key, (fw, fwbw) in vals.items():
+                for mode, v in (("fw", fw), ("fwbw", fwbw)):
+                    if v is not None:
+                        R[(an, key[0], int(key[1:]), mode)] = float(v)
     kernels = []
     for k in R:
         if k[0] not in kernels:
@@ -524,17 +544,27 @@ def plot(res, path):
                 if isinstance(v, float):
                     xs.append(s_i + j * width)
                     ys.append(v)
-            ax.bar(xs, ys, width=width, label=kn)
+            ax.bar(xs, ys, width=width, label=kn, hatch="//" if "anchor" in kn else None)
+        for s_i, S in enumerate(SEQ):
+            t_fl = max(floor_bytes(n, S, mode) / res["ceilings"]["copy_bytes_per_s"],
+                       model_flops(n, S, mode) / res["ceilings"]["bf16_matmul_flops"]) * 1e3
+            ax.hlines(t_fl, s_i - width / 2, s_i + 0.8 - width / 2, colors="k", linestyles="dashed",
+                      label="floor" if s_i == 0 else None)
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(SEQ))])
         ax.set_xticklabels([f"S={S // 1024}k" for S in SEQ])
         ax.set_yscale("log")
         ax.set_title(f"shape {n} {mode} (ms, 65k tokens)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     ax = axes[4]
     Bs = list(res["decode_ours"])
     ax.bar([x - 0.2 for x in range(len(Bs))], [res["decode_ours"][b]["ms"] for b in Bs], 0.4, label="ours")
     comp = {str(r["S"]): r.get("ms") for r in res.get("competitors", []) if r["shape"] == "decode"}
-    ax.bar([x + 0.2 for x in range(len(Bs))], [comp.get(b) or 0 for b in Bs], 0.4, label="mlstm_kernels step")
+    label = "mlstm_kernels step"
+    if not any(comp.values()):
+        comp = res.get("anchors_from_ANCHORS_md", {}).get("mlstm_kernels triton step (anchor, ms)", {})
+        label += " (anchor)"
+    ax.bar([x + 0.2 for x in range(len(Bs))], [comp.get(b) or 0 for b in Bs], 0.4, label=label,
+           hatch="//" if "anchor" in label else None)
     ax.set_xticks(range(len(Bs)))
     ax.set_xticklabels([f"B={b}" for b in Bs])
     ax.set_yscale("log")

@@ -130,3 +130,15 @@ def test_step_vs_reference(B, dtype):
     assert rel_err(h, hr) < tol
     for a, b in ((C1, Cr), (n1, nr), (m1, mr)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_public_op_dispatches_to_triton():
+    from fastxlstm.ops import mlstm
+    from fastxlstm.ops.mlstm.triton import mlstm_triton
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k = (torch.randn(2, 2, 77, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 2, 77, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    i, f = torch.randn(2, 2, 77, device="cuda", generator=g), torch.randn(2, 2, 77, device="cuda", generator=g) + 3
+    h1, (C1, n1, m1) = mlstm(q, k, v, i, f, backend="triton")
+    h2, (C2, n2, m2) = mlstm_triton(q, k, v, i, f)
+    assert torch.equal(h1, h2) and torch.equal(C1, C2) and torch.equal(m1, m2)
