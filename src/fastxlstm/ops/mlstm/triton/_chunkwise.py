@@ -677,6 +677,8 @@ def mlstm_chunkwise_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets:
         raise ValueError(f"the Triton mLSTM kernels take float16, bfloat16 or float32 inputs, got {q.dtype}")
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
+    if B * NH > 65535:  # batch*heads is a grid axis of size at most 65535
+        raise ValueError(f"the Triton mLSTM kernels take B * NH <= 65535, got {B} * {NH}")
     cfg = config if config is not None else default_config(DQK, DV)
     if S == 0:
         if state is None:

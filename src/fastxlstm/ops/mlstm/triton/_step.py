@@ -114,6 +114,8 @@ def mlstm_step_triton_impl(q, k, v, i, f, state, eps: float = 1e-6):
     (float32), never modifying the inputs."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton mLSTM step takes float16, bfloat16 or float32 inputs, got {q.dtype}")
+    if q.shape[0] * q.shape[1] > 65535:  # batch*heads is a grid axis of size at most 65535
+        raise ValueError(f"the Triton mLSTM step takes B * NH <= 65535, got {q.shape[0]} * {q.shape[1]}")
     C, n, m = state
     if m.ndim == 3:
         m = m[..., 0]
