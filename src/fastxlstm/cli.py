@@ -51,6 +51,10 @@ def _parse_kv(text: str):
     return key.strip().replace("-", "_"), value
 
 
+_METAVARS = {"preset": "NAME", "data": "PATH", "tokenizer": "PATH", "out": "DIR", "device": "DEVICE",
+             "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     import typing
     from .train.config import config_field_specs
@@ -83,8 +87,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{help_} (default: {'on' if default else 'off'})")
                 continue
-            kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_} (default: {shown})",
-                                      "type": base, "metavar": name.upper().replace("_", "-")}
+            meta = {int: "N", float: "X"}.get(base, _METAVARS.get(name, "TEXT"))
+            text = help_ if "(default" in help_ else f"{help_} (default: {shown})"
+            kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "type": base, "metavar": meta}
             if name == "precision":
                 kwargs["choices"] = ["fp32", "bf16"]
                 kwargs.pop("metavar")
@@ -104,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an xLSTM language model (default: small model, stdlib corpus, ~5 min CPU)",
                        formatter_class=_Formatter,
-                       description="Train an xLSTM language model. With no arguments: the small preset on the "
-                                   "running interpreter's standard library (byte tokens), about 5 minutes on 2 CPU "
-                                   "cores, written to runs/<timestamp>/ with runs/latest pointing to it.\n"
-                                   "Precedence: defaults < --config FILE < command-line flags. Under torchrun the "
-                                   "model is wrapped in DDP (or FSDP2 with --fsdp) and only rank 0 writes.")
+                       description="Train an xLSTM language model.\n\n"
+                                   "With no arguments: the 'small' preset (mLSTM and sLSTM blocks) on the running\n"
+                                   "interpreter's standard library as byte tokens, about 5 minutes on 2 CPU cores,\n"
+                                   "written to runs/<timestamp>/ with runs/latest pointing to it. Continue a run with\n"
+                                   "--out DIR --resume. Precedence: defaults < --config FILE < flags.\n\n"
+                                   "Several processes: torchrun --nproc-per-node N -m fastxlstm train ... (DDP, or\n"
+                                   "FSDP2 with --fsdp); only rank 0 logs and writes.")
     _add_train_args(p)
 
     g = sub.add_parser("generate", help="sample text from a trained model, streaming it to the terminal",
@@ -182,11 +189,9 @@ def _train_config(ns: argparse.Namespace):
 
 def _check_train_inputs(cfg) -> None:
     """Cheap checks before anything slow, so typos fail in a second with one line."""
-    if cfg.preset != "default":
-        from .models.presets import list_presets
-        if cfg.preset not in list_presets():
-            raise UsageError(f"--preset {cfg.preset!r} does not exist; choose from: default, "
-                             f"{', '.join(list_presets())}")
+    from .models.presets import list_presets
+    if cfg.preset not in list_presets():
+        raise UsageError(f"--preset {cfg.preset!r} does not exist; choose from: {', '.join(list_presets())}")
     if cfg.data is not None and not os.path.exists(cfg.data):
         raise UsageError(f"--data {cfg.data}: no such file or directory")
     if cfg.tokenizer not in ("bytes", "byte") and not os.path.exists(cfg.tokenizer):
@@ -343,14 +348,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_presets(ns: argparse.Namespace) -> int:
     from .models.presets import list_presets
-    from .train.config import DEFAULT_RUN_MODEL
-    print(f"{'default':10s} {'':>14s}  the model of 'fastxlstm train' with no --preset: {DEFAULT_RUN_DESCRIPTION}")
+    from .train.config import TrainConfig
+    default = TrainConfig().preset
+    print(f"{'preset':10s} {'parameters':>14s}  description")
     for name, (desc, count) in list_presets().items():
-        print(f"{name:10s} {count:>14,}  {desc}")
+        mark = "  (fastxlstm train's default)" if name == default else ""
+        print(f"{name:10s} {count:>14,}  {desc}{mark}")
     return 0
-
-
-DEFAULT_RUN_DESCRIPTION = "see fastxlstm/train/config.py"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

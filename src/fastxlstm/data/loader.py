@@ -9,8 +9,6 @@ consumed, so it means the same thing on any number of processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 

@@ -7,16 +7,10 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
-__all__ = ["TrainConfig", "load_config_file", "DEFAULT_RUN_MODEL", "HELP"]
-
-# The model of `fastxlstm train` with no arguments: an xLSTM[1:1] (mLSTM and sLSTM blocks) sized so that about
-# five minutes on two CPU cores take it well below 2 bits per byte on Python source. Used when --preset is
-# "default"; any other preset name comes from fastxlstm.models.presets.
-DEFAULT_RUN_MODEL: Dict[str, Any] = {}
+__all__ = ["TrainConfig", "load_config_file", "HELP"]
 
 HELP = {
-    "preset": "model preset: 'default' (the small CPU model of the no-argument run) or a name from "
-              "fastxlstm.models.presets (tiny ... 1.3b, 7b)",
+    "preset": "model preset (fastxlstm presets lists them: tiny, small, 125m ... 2.7b, 7b)",
     "model": "overrides of the model config's fields (from a config file, or --model-config key=value)",
     "data": "training text: a text file, a directory of text files, or pre-tokenised .bin/.npy "
             "(default: the running interpreter's standard library, no download)",
@@ -66,8 +60,8 @@ class TrainConfig:
     eod_token: Optional[int] = None
     tokenizer: str = "bytes"
     train_tokenizer: Optional[int] = None
-    steps: int = 1000
-    batch_size: int = 16
+    steps: int = 360
+    batch_size: int = 32
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
@@ -79,10 +73,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     compile: bool = False
-    eval_every: int = 250
-    eval_windows: int = 64
+    eval_every: int = 60
+    eval_windows: int = 128
     log_every: int = 10
-    save_every: int = 500
+    save_every: int = 120
     keep_checkpoints: int = 2
     out: Optional[str] = None
     seed: int = 0

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -31,14 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import CorpusError, TokenStream, load_corpus, load_text_documents
+from ..data.corpus import TokenStream, load_corpus, load_text_documents
 from ..data.loader import WindowSampler, eval_windows, make_batch
-from ..data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, resolve_tokenizer, train_bpe
+from ..data.tokenizers import load_tokenizer, resolve_tokenizer, train_bpe
 from . import checkpoint as ckpt
-from .config import DEFAULT_RUN_MODEL, TrainConfig
+from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_str, init_distributed, shutdown, wrap_model
 
-__all__ = ["train", "TrainingStopped", "NonFiniteLoss", "lr_at", "build_model_config", "evaluate", "lm_loss",
+__all__ = ["train", "NonFiniteLoss", "lr_at", "build_model_config", "evaluate", "lm_loss",
            "resolve_run_dir", "DEFAULT_RUNS_ROOT"]
 
 DEFAULT_RUNS_ROOT = "runs"
@@ -47,10 +48,6 @@ LN2 = math.log(2.0)
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/Inf; the run stopped and the last good checkpoint was kept."""
-
-
-class TrainingStopped(Exception):
-    """Raised internally to leave the loop after an interrupt (the checkpoint is written first)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,17 +91,12 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[s
 
 
 def build_model_config(preset: str, overrides: Dict[str, Any], vocab_size: int):
-    """The model config of a run: a preset (or the built-in default), its field overrides, and the tokenizer's
+    """The model config of a run: a preset, its field overrides, and the tokenizer's
     vocabulary size (unless ``vocab_size`` is overridden explicitly, which must then cover the tokenizer)."""
     from ..models.presets import get_preset, list_presets
-    if preset == "default":
-        from ..models.xlstm_lm import XLSTMLMConfig
-        base = XLSTMLMConfig(**{**DEFAULT_RUN_MODEL, "vocab_size": vocab_size})
-    else:
-        if preset not in list_presets():
-            raise ValueError(f"--preset {preset!r} does not exist; choose from: default, "
-                             f"{', '.join(list_presets())}")
-        base = get_preset(preset)
+    if preset not in list_presets():
+        raise ValueError(f"--preset {preset!r} does not exist; choose from: {', '.join(list_presets())}")
+    base = get_preset(preset)
     fields = dict(overrides)
     if "vocab_size" in fields:
         if int(fields["vocab_size"]) < vocab_size:
@@ -376,7 +368,6 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     # ---- seeds, tokenizer, data --------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2 ** 32)
-    import random
     random.seed(cfg.seed)
 
     if cfg.resume and (os.path.isfile(os.path.join(out, "tokenizer.json"))
