@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a trained model, streaming it to the terminal",
                        formatter_class=_Formatter,
-                       description="Sample a continuation of a prompt and stream it as it is generated. --model is "
-                                   "a run directory (runs/latest), its model/ folder, a checkpoint folder, or a "
-                                   "transformers xLSTM directory with its tokenizer.json. The prompt comes from "
+                       description="Sample a continuation of a prompt and stream it as it is generated.\n\n"
+                                   "--model is a run directory (runs/latest), its model/ folder, a checkpoint folder,\n"
+                                   "or a transformers xLSTM directory with its tokenizer.json. The prompt comes from\n"
                                    "--prompt or, when absent, from standard input.")
     g.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
     g.add_argument("--prompt", metavar="TEXT", default=None, help="prompt text (default: read standard input)")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
     g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: smallest set of "
                                                                           "tokens with probability >= P")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast the weights (default: as stored)")
@@ -141,19 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
                        formatter_class=_Formatter,
-                       description="Evaluate a model on text: every document is read in order with the recurrent "
-                                   "state carried across --seq-len chunks and reset at document boundaries. "
+                       description="Evaluate a model on text: every document is read in order with the recurrent\n"
+                                   "state carried across --seq-len chunks and reset at document boundaries.\n"
                                    "Prints loss (nats/token), perplexity and bits per byte.")
     e.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
     e.add_argument("--data", metavar="PATH", default=None,
                    help="text file, directory of text files or .bin/.npy tokens (default: the held-out split of "
                         "the standard-library corpus)")
-    e.add_argument("--data-dtype", default="uint16", help="dtype of a raw .bin token file (default: uint16)")
-    e.add_argument("--eod-token", type=int, default=None, help="document separator id in .bin/.npy data")
+    e.add_argument("--data-dtype", default="uint16", metavar="DTYPE", help="dtype of a raw .bin token file (default: uint16)")
+    e.add_argument("--eod-token", type=int, default=None, metavar="N", help="document separator id in .bin/.npy data")
     e.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
                    help="evaluate at most N tokens, 0 for all (default: 200000)")
-    e.add_argument("--seq-len", type=int, default=512, help="tokens per forward call (default: 512)")
-    e.add_argument("--batch-size", type=int, default=8, help="parallel rows (default: 8)")
+    e.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per forward call (default: 512)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="N", help="parallel rows (default: 8)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
     e.add_argument("--tokenizer", metavar="PATH", default=None,

@@ -363,6 +363,9 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     loaded = None
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
+        if int(loaded[3]["step"]) >= cfg.steps:
+            raise ValueError(f"--resume: the checkpoint {resume_from} is at step {loaded[3]['step']}, which is not "
+                             f"below --steps {cfg.steps}; pass a larger --steps to train further")
         _log(info, f"resuming from {resume_from} (step {loaded[3]['step']})")
 
     # ---- seeds, tokenizer, data --------------------------------------------------------------------------
@@ -429,8 +432,6 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                        f"{cfg.batch_size * cfg.grad_accum * info.world_size} sequences; the data order continues "
                        f"from the saved position")
         del loaded, model_sd, optim_sd
-    if start_step >= cfg.steps:
-        raise ValueError(f"--resume: the checkpoint is at step {start_step}, which is not below --steps {cfg.steps}")
 
     if info.is_main:
         cfg.save(os.path.join(out, "train_config.json"))
