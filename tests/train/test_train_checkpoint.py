@@ -50,16 +50,19 @@ def test_resume_gives_the_same_curve(corpus, reference_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(corpus, reference_run, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(corpus, reference_run, tmp_path, sig):
     run = str(tmp_path / "run")
     cfg = _train_config(build_parser().parse_args(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2)))
+    old = signal.getsignal(getattr(signal, sig))
 
     def interrupt(step, rec):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, sig))
 
     summary = trainer_mod.train(cfg, step_callback=interrupt)
     assert summary["stopped"] == "interrupted" and summary["steps"] == 2
+    assert signal.getsignal(getattr(signal, sig)) is old  # the handler is put back
     assert [s for s, _ in ckpt.list_checkpoints(os.path.join(run, "checkpoints"))] == [2]
     assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, resume=True)) == 0
     assert _curve(run) == _curve(reference_run)

@@ -67,6 +67,19 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["bpb"] < 6 and r["perplexity"] == pytest.approx(2.718281828 ** r["loss"], rel=1e-6)
     assert r["tokens"] > 1000
+    # without --data: the held-out split of the standard-library corpus
+    assert main(["eval", "--model", str(run), "--max-tokens", "3000", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] <= 3000 and "standard-library" in r["data"]
+
+
+def test_latest_pointer_file(tmp_path):
+    """Where symlinks are not allowed, runs/latest is a text file naming the run; --model/--out follow it."""
+    from fastxlstm.train.trainer import resolve_run_dir
+    (tmp_path / "runs" / "r7").mkdir(parents=True)
+    (tmp_path / "runs" / "latest").write_text("r7\n")
+    assert resolve_run_dir(str(tmp_path / "runs" / "latest")) == str(tmp_path / "runs" / "r7")
+    assert resolve_run_dir(str(tmp_path / "runs" / "r7")) == str(tmp_path / "runs" / "r7")
 
 
 def test_eval_carries_state_like_one_long_call(tmp_path):
