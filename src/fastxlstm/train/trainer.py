@@ -334,6 +334,12 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     elif info.distributed and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                                      info.world_size))))
+    if device.type == "cpu" and info.is_main and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load >= cores and "OMP_WAIT_POLICY" not in os.environ:
+            # torch's OpenMP threads spin while they wait; with the cores already busy that can cost 3-10x
+            _log(info, f"note: the CPU is busy (load {load:.1f} on {cores} cores); training may run several times "
+                       f"slower than usual. OMP_WAIT_POLICY=PASSIVE or --threads 1 suffer less from it.")
     if cfg.precision == "bf16" and device.type != "cuda":
         raise ValueError("--precision bf16 autocast is for CUDA devices; use fp32 on the CPU")
 
