@@ -346,8 +346,14 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     # ---- run directory -----------------------------------------------------------------------------------
     out = cfg.out
     if out is None:
-        out = os.path.join(DEFAULT_RUNS_ROOT, "latest") if cfg.resume else \
-            os.path.join(DEFAULT_RUNS_ROOT, _timestamp())
+        if cfg.resume:
+            out = os.path.join(DEFAULT_RUNS_ROOT, "latest")
+        else:
+            base = out = os.path.join(DEFAULT_RUNS_ROOT, _timestamp())
+            k = 1
+            while os.path.exists(out):  # two runs started in the same second get their own directories
+                k += 1
+                out = f"{base}-{k}"
     out = resolve_run_dir(out)
     out = broadcast_str(out, info)
     ckpt_root = os.path.join(out, "checkpoints")
