@@ -185,3 +185,20 @@ def test_python_dash_m_help_and_errors():
     r = subprocess.run([sys.executable, "-m", "fastxlstm", "train", "--preset", "huge"], capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_default_out_is_a_timestamped_run_with_latest(tmp_path, monkeypatch, capsys):
+    data = write_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in fast_args(data, "unused", steps=1)]
+    i = args.index("--out")
+    del args[i:i + 2]
+    assert main(args) == 0
+    assert main(args) == 0  # a second run in the same second gets its own directory
+    runs = sorted(p for p in os.listdir(tmp_path / "runs") if p != "latest")
+    assert len(runs) == 2
+    newest = os.path.realpath(tmp_path / "runs" / "latest")
+    assert os.path.basename(newest) in runs and os.path.isfile(os.path.join(newest, "model", "config.json"))
+    capsys.readouterr()
+    assert main(["generate", "--model", "runs/latest", "--prompt", "def ", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
