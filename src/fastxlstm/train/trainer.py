@@ -367,8 +367,6 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                          f"choose another --out")
     if info.is_main:
         os.makedirs(out, exist_ok=True)
-        if cfg.out is None or os.path.basename(os.path.dirname(os.path.abspath(out))) == DEFAULT_RUNS_ROOT:
-            _update_latest(out)
     barrier(info)
 
     # ---- resume: read the checkpoint first (it fixes the model config and tokenizer) ---------------------
@@ -389,13 +387,11 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                        or os.path.isfile(os.path.join(out, "tokenizer_config.json"))):
         tokenizer = load_tokenizer(out)
     elif cfg.train_tokenizer is not None:
+        if (cfg.data or "").endswith((".bin", ".npy")):
+            raise ValueError("--train-tokenizer needs text data, not a pre-tokenised .bin/.npy")
         if info.is_main:
             _log(info, f"training a byte-level BPE tokenizer (vocab {cfg.train_tokenizer}) on the training split")
-            train_texts, _, _ = load_text_documents(cfg.data) if not (cfg.data or "").endswith((".bin", ".npy")) \
-                else (None, None, None)
-            if train_texts is None:
-                raise ValueError("--train-tokenizer needs text data, not a pre-tokenised .bin/.npy")
-            train_bpe(train_texts, cfg.train_tokenizer).save(out)
+            train_bpe(load_text_documents(cfg.data)[0], cfg.train_tokenizer).save(out)
         barrier(info)
         tokenizer = load_tokenizer(out)
     else:
@@ -416,7 +412,8 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
         model = build_model(model_cfg)
     n_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel()
                                                                                   for p in model.parameters())
-    _log(info, f"model: {type(model).__name__} {n_params:,} parameters ({cfg.preset} preset); "
+    origin = "from the checkpoint" if loaded is not None else f"{cfg.preset} preset"
+    _log(info, f"model: {type(model).__name__} {n_params:,} parameters ({origin}); "
                f"device {device}, world size {info.world_size}{', FSDP2' if cfg.fsdp else ''}")
 
     raw = wrap_model(model, info, cfg.fsdp)            # FSDP2: in place; single process: the model itself
@@ -448,6 +445,9 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     if info.is_main:
         cfg.save(os.path.join(out, "train_config.json"))
         tokenizer.save(out)
+        # runs/latest moves only once a run has got this far (data and model are fine)
+        if cfg.out is None or os.path.basename(os.path.dirname(os.path.abspath(out))) == DEFAULT_RUNS_ROOT:
+            _update_latest(out)
     sampler = WindowSampler(corpus.train, cfg.seq_len, cfg.batch_size, cfg.grad_accum, info.world_size,
                             info.rank, cfg.seed)
     eval_len = min(cfg.seq_len, len(corpus.eval) - 1)
