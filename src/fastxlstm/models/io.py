@@ -184,6 +184,10 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
+        # mkdtemp makes the directory private (0700); a checkpoint gets the usual mode (0777 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         meta = {"format": "pt"}
         if len(shards) == 1:
             path = os.path.join(tmp, WEIGHTS_NAME)
