@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .._fileio import fsync_file, swap_dir_into_place, write_json
+
 __all__ = ["save_pretrained", "from_pretrained", "CheckpointError", "parse_size", "CONFIG_NAME", "WEIGHTS_NAME",
            "WEIGHTS_INDEX_NAME"]
 
@@ -119,33 +121,8 @@ def _shard(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, t
     return shards
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _is_checkpoint_file(name: str) -> bool:
@@ -192,7 +169,7 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
         if len(shards) == 1:
             path = os.path.join(tmp, WEIGHTS_NAME)
             save_file(shards[0], path, metadata=meta)
-            _fsync_file(path)
+            fsync_file(path)
         else:
             n = len(shards)
             weight_map = {}
@@ -200,7 +177,7 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
                 name = f"model-{idx:05d}-of-{n:05d}.safetensors"
                 path = os.path.join(tmp, name)
                 save_file(shard, path, metadata=meta)
-                _fsync_file(path)
+                fsync_file(path)
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             _write_json(os.path.join(tmp, WEIGHTS_INDEX_NAME),
@@ -216,17 +193,7 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
                         shutil.copytree(src, dst, symlinks=True)
                     else:
                         shutil.copy2(src, dst, follow_symlinks=False)
-        _fsync_dir(tmp)
-        if os.path.isdir(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.rmdir(old)  # we only wanted a unique name
-            os.replace(target, old)
-            os.replace(tmp, target)
-            _fsync_dir(parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-            _fsync_dir(parent)
+        swap_dir_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

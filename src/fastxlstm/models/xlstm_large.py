@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Dict, Optional
 
 import torch
-import torch.nn.functional as F
+
 from torch import nn
 
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops import mlstm, mlstm_step
+from ._validate import is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
 from .state import MLSTMBlockState, XLSTMState
@@ -37,14 +38,6 @@ def soft_cap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     if cap is None:
         return x
     return cap * torch.tanh(x / cap)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -83,26 +76,26 @@ class XLSTMLargeConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ffn_round_up_to_multiple_of",
                      "chunk_size"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"XLSTMLargeConfig.{name} must be a positive int, got {v!r}")
         for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor"):
             v = getattr(self, name)
-            if not _is_num(v) or v <= 0:
+            if not is_num(v) or v <= 0:
                 raise ValueError(f"XLSTMLargeConfig.{name} must be a positive number, got {v!r}")
         for name in ("gate_soft_cap", "output_logit_soft_cap"):
             v = getattr(self, name)
-            if v is not None and (not _is_num(v) or v <= 0):
+            if v is not None and (not is_num(v) or v <= 0):
                 raise ValueError(f"XLSTMLargeConfig.{name} must be a positive number or None, got {v!r}")
         for name in ("norm_eps", "eps"):
             v = getattr(self, name)
-            if not _is_num(v) or v < 0:
+            if not is_num(v) or v < 0:
                 raise ValueError(f"XLSTMLargeConfig.{name} must be a non-negative number, got {v!r}")
         for name in ("use_bias", "norm_reduction_force_float32", "add_out_norm", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"XLSTMLargeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or not 0 <= v < self.vocab_size):
+            if v is not None and (not is_int(v) or not 0 <= v < self.vocab_size):
                 raise ValueError(f"XLSTMLargeConfig.{name} must be None or an id in [0, {self.vocab_size}), "
                                  f"got {v!r}")
         for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
@@ -307,7 +300,7 @@ class XLSTMLarge(XLSTMModelBase):
     def init_state(self, batch_size: int, device=None, dtype=None) -> XLSTMState:
         """A fresh state: per block C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH), zeros, float32 by default
         (float64 for a float64 model); conv is None (the 7B has no conv)."""
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         c = self.config
         device = self.device if device is None else torch.device(device)

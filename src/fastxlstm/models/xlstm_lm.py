@@ -8,9 +8,8 @@ the same forward serves training (no state), prefill and token-by-token decoding
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from torch import nn
 from ..layers.mlstm import MLSTMBlock, round_up, small_init_
 from ..layers.norm import LayerNorm
 from ..layers.slstm import SLSTMBlock
+from ._validate import is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
 from .state import XLSTMState
@@ -47,14 +47,6 @@ def slstm_positions(num_blocks: int, ratio: Tuple[int, int] = (7, 1)) -> Tuple[i
     if n >= num_blocks:
         return tuple(range(num_blocks))
     return tuple(sorted({int((j + 0.5) * num_blocks / n) for j in range(n)}))
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -95,23 +87,23 @@ class XLSTMLMConfig:
         for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "slstm_num_heads", "round_to",
                      "qkv_proj_blocksize", "chunk_size", "conv_kernel_size"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"XLSTMLMConfig.{name} must be a positive int, got {v!r}")
-        if not _is_int(self.slstm_conv_kernel_size) or self.slstm_conv_kernel_size < 0:
+        if not is_int(self.slstm_conv_kernel_size) or self.slstm_conv_kernel_size < 0:
             raise ValueError(f"XLSTMLMConfig.slstm_conv_kernel_size must be an int >= 0, "
                              f"got {self.slstm_conv_kernel_size!r}")
         for name in ("mlstm_proj_factor", "ffn_proj_factor"):
             v = getattr(self, name)
-            if not _is_num(v) or v <= 0:
+            if not is_num(v) or v <= 0:
                 raise ValueError(f"XLSTMLMConfig.{name} must be a positive number, got {v!r}")
         for name in ("ln_eps", "group_norm_eps", "cell_eps"):
             v = getattr(self, name)
-            if not _is_num(v) or v < 0:
+            if not is_num(v) or v < 0:
                 raise ValueError(f"XLSTMLMConfig.{name} must be a non-negative number, got {v!r}")
         for name in ("bias", "tie_weights", "weight_decay_on_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"XLSTMLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.slstm_at, tuple) or any(not _is_int(i) for i in self.slstm_at):
+        if not isinstance(self.slstm_at, tuple) or any(not is_int(i) for i in self.slstm_at):
             raise ValueError(f"XLSTMLMConfig.slstm_at must be a list of block indices, got {self.slstm_at!r}")
         if any(not 0 <= i < self.num_blocks for i in self.slstm_at):
             raise ValueError(f"XLSTMLMConfig.slstm_at {list(self.slstm_at)} has indices outside "
@@ -248,7 +240,7 @@ class XLSTMLM(XLSTMModelBase):
     def init_state(self, batch_size: int, device=None, dtype=None) -> XLSTMState:
         """A fresh (zero) state: cell states in float32 (float64 for a float64 model), conv windows in the model
         dtype (or ``dtype``)."""
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         device = self.device if device is None else torch.device(device)
         dtype = self.dtype if dtype is None else dtype

@@ -8,7 +8,7 @@ available for the inputs (Triton kernels on CUDA, the chunkwise PyTorch form els
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 

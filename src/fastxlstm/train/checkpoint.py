@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._fileio import swap_dir_into_place, write_json
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "verify_checkpoint"]
 
@@ -107,25 +109,8 @@ def _dedupe(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[
     return out, aliases
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(path, obj, indent=1)
 
 
 def _save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
@@ -191,15 +176,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_sd: Dict[str, torch.Tensor]
                       "optimizer_param_groups": groups, "optimizer_scalars": opt_scalars,
                       "has_optimizer": optim_sd is not None, "rng": rng_meta, "files": files})
         _write_json(os.path.join(tmp, "trainer_state.json"), state)
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            old = os.path.join(ckpt_root, f".old-{name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        swap_dir_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
