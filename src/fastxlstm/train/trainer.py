@@ -334,7 +334,8 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
     elif info.distributed and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                                      info.world_size))))
-    if device.type == "cpu" and info.is_main and hasattr(os, "getloadavg"):
+    # advice for a person at a terminal only: logs and the one-line errors scripts parse stay unchanged
+    if device.type == "cpu" and info.is_main and hasattr(os, "getloadavg") and sys.stderr.isatty():
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load >= cores and "OMP_WAIT_POLICY" not in os.environ:
             # torch's OpenMP threads spin while they wait; with the cores already busy that can cost 3-10x
