@@ -109,7 +109,7 @@ def _check_eps(eps):
 # mLSTM
 # ----------------------------------------------------------------------------------------------------------
 
-def _pick_mlstm_backend(backend: str, q: torch.Tensor, S: int) -> str:
+def _pick_mlstm_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     if backend not in MLSTM_BACKENDS:
         raise ValueError(f"backend must be one of {MLSTM_BACKENDS}, got {backend!r}")
     if backend == "triton" and not triton_available(q.device):
@@ -117,9 +117,17 @@ def _pick_mlstm_backend(backend: str, q: torch.Tensor, S: int) -> str:
                          f"(inputs are on {q.device}); use backend='auto' to fall back to PyTorch")
     if backend != "auto":
         return backend
-    if triton_available(q.device) and q.dtype != torch.float64:
-        return "triton"
-    return "chunkwise"
+    return "triton" if _triton_fits(q, v.shape[-1]) else "chunkwise"
+
+
+# Where "auto" uses the Triton kernels: CUDA, a dtype they take, B * NH within one grid axis, and the head dims
+# they were built and tested for (<= 512). Anything else runs the PyTorch forms rather than failing.
+_TRITON_MAX_HEAD_DIM = 512
+
+
+def _triton_fits(q: torch.Tensor, DV: int) -> bool:
+    return (triton_available(q.device) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[0] * q.shape[1] <= 65535 and max(q.shape[-1], DV) <= _TRITON_MAX_HEAD_DIM)
 
 
 def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6,
@@ -148,7 +156,7 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
     eps = _check_eps(eps)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    name = _pick_mlstm_backend(backend, q, S)
+    name = _pick_mlstm_backend(backend, q, v)
     if name == "reference":
         from .mlstm.reference import mlstm_reference
         h, st = mlstm_reference(q, k, v, i, f, state, eps, resets)
@@ -202,8 +210,7 @@ def mlstm_step(q, k, v, i, f, state, eps: float = 1e-6, backend: str = "auto"):
     if state is None:
         from .mlstm.reference import zero_state
         state = zero_state(B, NH, DQK, DV, compute_dtype(q.dtype), device)
-    use_triton = backend == "triton" or (backend == "auto" and triton_available(device)
-                                         and q.dtype != torch.float64)
+    use_triton = backend == "triton" or (backend == "auto" and _triton_fits(q, DV))
     if use_triton:
         from .mlstm.triton import mlstm_step_triton
         return mlstm_step_triton(q, k, v, i, f, state, eps)
