@@ -62,8 +62,6 @@ def _ieee_fp32():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 def test_sequence_vs_reference(shape, dtype):
-    # (our entry point directly: `from fastxlstm.ops import mlstm` can yield the subpackage once any
-    # fastxlstm.ops.mlstm.* module has been imported, which shadows the function of the same name)
     from fastxlstm.ops.mlstm.reference import mlstm_reference
     from fastxlstm.ops.mlstm.triton import mlstm_triton
     B, NH, S, DQK, DV, with_state, with_resets = shape
