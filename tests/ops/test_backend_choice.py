@@ -34,3 +34,16 @@ def test_explicit_triton_without_cuda_is_a_clear_error():
     q = torch.randn(1, 1, 3, 4)
     with pytest.raises(ValueError, match="triton"):
         ops.mlstm(q, q, q, q[..., 0], q[..., 0], backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "parallel", "chunkwise", "recurrent"])
+def test_empty_sequence_passes_the_state_through(backend):
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(2, 3, 0, 4, generator=g), torch.randn(2, 3, 0, 5, generator=g)
+    gate = torch.randn(2, 3, 0, generator=g)
+    state = (torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, generator=g))
+    h, (C, n, m) = ops.mlstm(q, q, v, gate, gate, state=state, backend=backend)
+    assert h.shape == (2, 3, 0, 5)
+    assert torch.equal(C, state[0]) and torch.equal(n, state[1]) and torch.equal(m, state[2])
+    h, (C, n, m) = ops.mlstm(q, q, v, gate, gate, backend=backend)
+    assert C.abs().sum() == 0 and n.abs().sum() == 0 and m.abs().sum() == 0

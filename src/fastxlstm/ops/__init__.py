@@ -157,6 +157,12 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     name = _pick_mlstm_backend(backend, q, v)
+    if S == 0:  # nothing to read: the state passes through unchanged (every backend agrees by definition)
+        from .mlstm.reference import zero_state
+        cd = compute_dtype(q.dtype)
+        st = zero_state(B, NH, DQK, DV, cd, device) if state is None else tuple(t.to(cd) for t in state)
+        h = q.new_zeros(B, NH, 0, DV)
+        return (h, st) if return_state else h
     if name == "reference":
         from .mlstm.reference import mlstm_reference
         h, st = mlstm_reference(q, k, v, i, f, state, eps, resets)
