@@ -10,8 +10,8 @@ flows in and out as an :class:`~fastxlstm.models.state.XLSTMState` of ``MLSTMBlo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
@@ -20,7 +20,7 @@ from torch import nn
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops import mlstm, mlstm_step
-from ._validate import is_int, is_num
+from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
 from .state import MLSTMBlockState, XLSTMState
@@ -41,7 +41,7 @@ def soft_cap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
 
 
 @dataclass
-class XLSTMLargeConfig:
+class XLSTMLargeConfig(ConfigDictMixin):
     """Config of the xLSTM-7B architecture. Field names follow transformers' ``xLSTMConfig``.
 
     The released 7B is the default: E=4096, 8 heads, 32 blocks, vocab 50304, untied (6,865,424,896 parameters).
@@ -124,27 +124,8 @@ class XLSTMLargeConfig:
     def ffn_dim(self) -> int:
         return round_up_to_multiple(self.hidden_size * self.ffn_proj_factor, self.ffn_round_up_to_multiple_of)
 
-    # serialisation ------------------------------------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["model_type"] = self.model_type
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "XLSTMLargeConfig":
-        """Build from a dict of this class's fields (plus an optional matching ``model_type``); unknown keys are
-        an error here (transformers-format dicts go through :mod:`fastxlstm.interop.transformers`)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"config must be a dict, got {type(d).__name__}")
-        d = dict(d)
-        mt = d.pop("model_type", cls.model_type)
-        if mt != cls.model_type:
-            raise ValueError(f"config model_type is {mt!r}, expected {cls.model_type!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown XLSTMLargeConfig fields: {unknown}")
-        return cls(**d)
+    # to_dict / from_dict come from ConfigDictMixin: this class's own fields only; transformers-format dicts go
+    # through fastxlstm.interop.transformers
 
 
 class _RMSNorm(RMSNorm):

@@ -8,7 +8,7 @@ the same forward serves training (no state), prefill and token-by-token decoding
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from ..layers.mlstm import MLSTMBlock, round_up, small_init_
 from ..layers.norm import LayerNorm
 from ..layers.slstm import SLSTMBlock
-from ._validate import is_int, is_num
+from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
 from .state import XLSTMState
@@ -50,7 +50,7 @@ def slstm_positions(num_blocks: int, ratio: Tuple[int, int] = (7, 1)) -> Tuple[i
 
 
 @dataclass
-class XLSTMLMConfig:
+class XLSTMLMConfig(ConfigDictMixin):
     """Config of the paper's xLSTM[a:b] LM. Validated on construction; ``to_dict``/``from_dict`` for JSON.
 
     Derived: mLSTM inner width I = round_up(mlstm_proj_factor * E, round_to), head dim I / num_heads; sLSTM head
@@ -148,26 +148,7 @@ class XLSTMLMConfig:
         s = set(self.slstm_at)
         return ["s" if i in s else "m" for i in range(self.num_blocks)]
 
-    # serialisation ------------------------------------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["slstm_at"] = list(self.slstm_at)
-        d["model_type"] = self.model_type
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "XLSTMLMConfig":
-        """Build from a dict of this class's fields (plus an optional matching ``model_type``)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"config must be a dict, got {type(d).__name__}")
-        d = dict(d)
-        mt = d.pop("model_type", cls.model_type)
-        if mt != cls.model_type:
-            raise ValueError(f"config model_type is {mt!r}, expected {cls.model_type!r}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown XLSTMLMConfig fields: {unknown}")
-        return cls(**d)
+    # to_dict / from_dict come from ConfigDictMixin (slstm_at is written as a list)
 
 
 class XLSTMLM(XLSTMModelBase):
