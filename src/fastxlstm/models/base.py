@@ -120,7 +120,8 @@ class XLSTMModelBase(nn.Module):
         if input_ids.device != device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
         if input_ids.numel() > 0:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            # one device-to-host transfer for both bounds (this runs on every decoding step)
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {lo} max {hi}")
         return input_ids.long()
