@@ -29,8 +29,13 @@ CASES = {
     "bf16_state_resets": (2, 1, 53, 32, 16, "bfloat16", True, "mixed", "normal", "small"),
     "fp16_nostate": (1, 1, 40, 16, 32, "float16", False, None, "normal", "small"),
     "fp32_short_S1": (2, 1, 1, 16, 16, "float32", True, None, "normal", "small"),
+    # wide keys, narrow values: q.dq and k.dk cancel most here, which is where the gate gradients lose precision
+    # (d_f was 1.8e-2 on the H200 before the backward split its 16-bit gradient tiles; the interpreter rounds
+    # like the GPU, see _r16)
+    "bf16_wide_qk": (1, 1, 150, 512, 64, "bfloat16", True, None, "normal", "default"),
 }
-TOL = {"float32": 2e-4, "bfloat16": 2e-2, "float16": 5e-3}
+# the bars: 1e-2 in bf16, 1e-4 in fp32 (here 2e-4: the extreme-gate case's own fp32 reference error)
+TOL = {"float32": 2e-4, "bfloat16": 1e-2, "float16": 5e-3}
 
 
 def _resets(kind, B, S):
@@ -222,8 +227,10 @@ def _aot_worker() -> None:
     comp(ck._fwd_out_kernel, dict(base, BT=64, BK=128, BV=128))
     comp(ck._bwd_prep_kernel, dict(DV=128, BR=32, BV=128))
     comp(ck._bwd_state_kernel, dict(base, HAS_DSTATE=True, BK=128, BV=64))
-    for kern in (ck._bwd_dq_kernel, ck._bwd_dk_kernel, ck._bwd_dv_kernel):
-        comp(kern, dict(base, BT=64, BK=128, BV=128))
+    for split in (True, False):
+        for kern in (ck._bwd_dq_kernel, ck._bwd_dk_kernel):
+            comp(kern, dict(base, BT=64, BK=128, BV=128, SPLIT=split))
+    comp(ck._bwd_dv_kernel, dict(base, BT=64, BK=128, BV=128))
     comp(st._step_kernel, dict(DQK=256, DV=512, BK=64, BV=64))
     print("AOT OK")
 

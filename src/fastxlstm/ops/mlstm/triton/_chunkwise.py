@@ -85,6 +85,19 @@ def _dot(a, b, IP: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _r16(x, dt: tl.constexpr, UP: tl.constexpr):
+    """fp32 -> dt (a 16-bit type: a dot operand or a stored result), rounding to nearest even. The CPU
+    interpreter's conversion to bfloat16 truncates (twice the error, and biased), so there (UP) bfloat16 is rounded
+    on the bits first: the interpreter tests then see the GPU's rounding errors, not larger ones."""
+    if UP:
+        if dt == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
 def _segmax_combine(v1, f1, v2, f2):
     # segmented running max: a flagged element starts a new segment
     return tl.where(f2 > 0, v2, tl.maximum(v1, v2)), tl.maximum(f1, f2)
@@ -143,7 +156,7 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
     tt = tl.arange(0, L)
     for c in range(0, NC):
         sbase = (bh * NC + c) * DQK * DV
-        tl.store(Cbuf_ptr + sbase + cofs, C.to(Cbuf_ptr.dtype.element_ty), mask=cmask)
+        tl.store(Cbuf_ptr + sbase + cofs, _r16(C, Cbuf_ptr.dtype.element_ty, UP), mask=cmask)
         if pv == 0:
             tl.store(nbuf_ptr + (bh * NC + c) * DQK + dk, n, mask=mk)
         if (pv == 0) & (pk == 0):
@@ -159,11 +172,14 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
         w = tl.exp(tl.where(seg == segL, a - ML, float("-inf")))
         t = c * L + tt
         mt = t < S
-        kk = tl.load(k_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        vv = tl.load(v_ptr + (bh * S + t[:, None]) * DV + dv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        # per-head 64-bit base + int32 in-head offsets: measured (ptxas, sm_90) 936 -> 312 bytes of spills
+        kk = tl.load(k_ptr + bh * S * DQK + (t[:, None] * DQK + dk[None, :]), mask=mt[:, None] & mk[None, :],
+                     other=0.0)
+        vv = tl.load(v_ptr + bh * S * DV + (t[:, None] * DV + dv[None, :]), mask=mt[:, None] & mv[None, :],
+                     other=0.0)
         kw = kk.to(tl.float32) * w[:, None]
         # 16-bit operands (the gate-weighted keys rounded once): fp32/tf32 operands here measured 1.7x slower
-        C = G * C + _dot(tl.trans(kw.to(vv.dtype)), vv, IP, UP)
+        C = G * C + _dot(tl.trans(_r16(kw, vv.dtype, UP)), vv, IP, UP)
         n = G * n + tl.sum(kw, 0)
         m = bL + ML
     tl.store(Cout_ptr + bh * DQK * DV + cofs, C, mask=cmask)
@@ -236,10 +252,10 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr,
         P = s * D * scale
         den += tl.sum(P, 1)
         vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
-        acc += _dot(P.to(vv.dtype), vv, IP, UP)
+        acc += _dot(_r16(P, vv.dtype, UP), vv, IP, UP)
     Z = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
     hh = acc / Z[:, None]
-    tl.store(h_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], hh.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], _r16(hh, h_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mv[None, :])
     if pv == 0:
         tl.store(den_ptr + bh * S + tq, den, mask=mq)
@@ -294,7 +310,7 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
     tt = tl.arange(0, L)
     for cc in range(0, NC):
         c = NC - 1 - cc
-        tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, dC.to(dCbuf_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, _r16(dC, dCbuf_ptr.dtype.element_ty, UP), mask=cmask)
         if pv == 0:
             tl.store(dnbuf_ptr + (bh * NC + c) * DQK + dk, dn, mask=mk)
         so = bh * NC * L + c * L
@@ -321,7 +337,7 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
         rz = tl.load(rz_ptr + bh * S + t, mask=mt, other=0.0)
         dd = tl.load(dd_ptr + bh * S + t, mask=mt, other=0.0)
         dnum = dh.to(tl.float32) * (rz * st)[:, None]
-        dC = G * dC + _dot(tl.trans(qq), dnum.to(qq.dtype), IP, UP)
+        dC = G * dC + _dot(tl.trans(qq), _r16(dnum, qq.dtype, UP), IP, UP)
         dn = G * dn + tl.sum(qq.to(tl.float32) * (st * dd)[:, None], 0)
     tl.store(dC0_ptr + bh * DQK * DV + cofs, dC, mask=cmask)
     if pv == 0:
@@ -332,7 +348,8 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
                    Cbuf_ptr, nbuf_ptr, mbuf_ptr, dq_ptr, qdq_ptr, S, NC, BH, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
+                   SPLIT: tl.constexpr):
     NQ: tl.constexpr = L // BT
     pid = tl.program_id(0)
     pk = tl.program_id(1)
@@ -357,11 +374,11 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
         dv = v0 + tl.arange(0, BV)
         mv = dv < DV
         dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-        dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
         Cb = tl.load(Cbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        acc += _dot(dnum, tl.trans(Cb.to(dt)), IP, UP)
+        acc += _dot(dh, tl.trans(Cb.to(dt)), IP, UP)
     nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
-    acc = (acc + dd[:, None] * nb[None, :]) * st[:, None]
+    # 1/Z is applied to the fp32 products, never rounded into a 16-bit dh (see _bwd_dk_kernel)
+    acc = (acc * rz[:, None] + dd[:, None] * nb[None, :]) * st[:, None]
     for kj in range(0, qi + 1):
         rk = kj * BT + tl.arange(0, BT)
         tk = c * L + rk
@@ -372,19 +389,22 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
             mv = dv < DV
             dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
                          other=0.0)
-            dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
             vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :],
                          other=0.0)
-            dP += _dot(dnum, tl.trans(vv), IP, UP)
-        dP += dd[:, None]
+            dP += _dot(dh, tl.trans(vv), IP, UP)
+        dP = dP * rz[:, None] + dd[:, None]
         a = tl.load(a_ptr + so + rk)
         segk = tl.load(seg_ptr + so + rk)
         keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
         D = tl.exp(tl.where(keep, a[None, :] - M[:, None], float("-inf")))
         kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
-        acc += _dot((dP * D).to(dt), kk, IP, UP)
+        X = dP * D
+        Xh = _r16(X, dt, UP)
+        acc += _dot(Xh, kk, IP, UP)
+        if SPLIT:  # the rounding error as a second 16-bit operand (see _backward)
+            acc += _dot(_r16(X - Xh.to(tl.float32), dt, UP), kk, IP, UP)
     dq = acc * scale
-    tl.store(dq_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], dq.to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], _r16(dq, dq_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mk[None, :])
     tl.store(qdq_ptr + (pk * BH + bh) * S + tq, tl.sum(qq.to(tl.float32) * dq, 1), mask=mq)
 
@@ -405,7 +425,8 @@ def _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L: tl.constexpr):
 def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
                    dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, S, NC, BH, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
+                   SPLIT: tl.constexpr):
     NQ: tl.constexpr = L // BT
     pid = tl.program_id(0)
     pk = tl.program_id(1)
@@ -448,14 +469,20 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
                          other=0.0)
             dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
                          other=0.0)
-            dnum = (dh.to(tl.float32) * rz[:, None]).to(dt)
-            dPT += _dot(vv, tl.trans(dnum), IP, UP)
-        dPT += dd[None, :]
+            dPT += _dot(vv, tl.trans(dh), IP, UP)
+        # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards. (Rounding
+        # dh / Z to 16 bits first cost d_f up to 1.8e-2 in bf16 at DV = 64: q.dq and k.dk, from which the gate
+        # gradients are formed, cancel to ~1/sqrt(D) of their terms, so per-element rounding is amplified.)
+        dPT = dPT * rz[None, :] + dd[None, :]
         keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
         DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
         qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
-        acc += _dot((dPT * DT * scale).to(dt), qq, IP, UP)
-    tl.store(dk_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], acc.to(dk_ptr.dtype.element_ty),
+        X = dPT * DT * scale
+        Xh = _r16(X, dt, UP)
+        acc += _dot(Xh, qq, IP, UP)
+        if SPLIT:  # the rounding error as a second 16-bit operand (see _backward)
+            acc += _dot(_r16(X - Xh.to(tl.float32), dt, UP), qq, IP, UP)
+    tl.store(dk_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], _r16(acc, dk_ptr.dtype.element_ty, UP),
              mask=mkv[:, None] & mk[None, :])
     tl.store(kdk_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
 
@@ -506,9 +533,8 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
         keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
         DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
         dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-        dnum = dh.to(tl.float32) * rz[:, None]
-        acc += _dot((sT * DT * scale).to(dh.dtype), dnum.to(dh.dtype), IP, UP)
-    tl.store(dv_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], acc.to(dv_ptr.dtype.element_ty),
+        acc += _dot(_r16(sT * DT * (scale * rz)[None, :], dh.dtype, UP), dh, IP, UP)
+    tl.store(dv_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], _r16(acc, dv_ptr.dtype.element_ty, UP),
              mask=mkv[:, None] & mv[None, :])
 
 
@@ -612,15 +638,24 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     kdk = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdki = torch.empty(NK, BH, S, device=dev, dtype=f32)
     nt = NC * (L // BT)
+    # 16-bit inputs: the in-chunk gradient tiles (dP D for dq, dP^T D^T for dk) go into the tensor-core dots as two
+    # 16-bit parts (value + rounding error), one more dot each. q.dq and k.dk, from which the gate gradients are
+    # formed, cancel to ~1/sqrt(D) of their terms, so a single rounding cost d_f 1.8e-2 (bf16, DQK=512) and
+    # 9e-3 (DQK=128); split: 2.6e-3 and 1.7e-3 (float64 reference, same inputs)
+    split = q.dtype != torch.float32
     _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
-                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up, SPLIT=split,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, dCbuf, dnbuf, mbuf, dk, kdk, kdki, S, NC, BH,
                                  scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                 SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, dCbuf, mbuf, dv, S, NC, scale,
                                                   DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L, dq, dk, dv, dC0, dn0)
+
+
+def _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L, dq, dk, dv, dC0, dn0):
     # gate gradients from the per-token dot products (see the module docstring). Summed inside each chunk, with
     # the pairs that cancel kept apart: for t in chunk c,
     #   d log f_t = sum_{u >= t} (q.dq - k.dk_intra)_u + sum_{j < t} (k.dk_inter)_j + Eg_c
