@@ -213,14 +213,14 @@ def run_competitor(kernel, jobs, timeout=420, max_crashes=2):
 # ours: correctness, timing
 # ------------------------------------------------------------------------------------------------------------
 
-def check_ours(name, S):
+def check_ours(name, S, dtypes=("bf16", "fp32")):
     """bf16 and fp32 (IEEE) runs of our kernel on a 1-sequence slice of the benchmark shape, against the lead's
     chunkwise PyTorch form in float64 (itself tested against the step reference), outputs and all gradients."""
     import torch
     from fastxlstm.ops.mlstm.chunkwise import mlstm_chunkwise
     from fastxlstm.ops.mlstm.triton import mlstm_triton
     errs = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in dtypes]:
         xs, dh = make_inputs(name, S, dtype, True, seed=1, batch=1)
         leaves = [x.detach().clone().requires_grad_(True) for x in xs]
         h, (C, n, m) = mlstm_triton(*leaves)
@@ -388,18 +388,6 @@ def main_bench(args):
         print("ours", name, S, res["ours"][f"{name}{S}"], flush=True)
     save("ours")
     for name, S in shape_list():
-        if S not in args.check_seq:
-            continue
-        try:
-            res["check"][f"{name}{S}"] = check_ours(name, S)
-        except Exception:
-            res["check"][f"{name}{S}"] = {"error": traceback.format_exc()[-800:]}
-            print(res["check"][f"{name}{S}"]["error"], flush=True)
-        print("check", name, S, {k: f"{v:.1e}" for k, v in res["check"][f"{name}{S}"].items()
-                                  if isinstance(v, float)}, flush=True)
-        torch.cuda.empty_cache()
-    save("check")
-    for name, S in shape_list():
         res["sdpa"][f"{name}{S}"] = bench_sdpa(name, S)
         torch.cuda.empty_cache()
     save("sdpa")
@@ -412,12 +400,28 @@ def main_bench(args):
     save("decode")
     if not args.no_competitors:
         jobs = [f"{name}:{S}:{mode}" for name, S in shape_list() for mode in ("fw", "fwbw")]
+        # fla: every forward first (its backward is refused on Triton < 3.7.1 on Hopper, and the first attempt can
+        # spend minutes compiling before it says so)
+        jobs_fw_first = [j for j in jobs if j.endswith(":fw")] + [j for j in jobs if j.endswith(":fwbw")]
         for kernel, jb in (("mlstm_kernels:chunkwise--triton_limit_chunk", jobs),
                            ("mlstm_kernels:step", [f"decode:{B}:step" for B in DECODE_B]),
-                           ("fla:chunk_simple_gla", jobs),
+                           ("fla:chunk_simple_gla", jobs_fw_first),
                            ("mlstm_kernels:chunkwise--triton_xl_chunk", jobs)):
             res["competitors"] += run_competitor(kernel, jb, timeout=args.competitor_timeout)
             save(kernel)
+    # correctness of our kernels in the same call (last: the fp32 IEEE kernels take minutes to compile)
+    for name, S in shape_list():
+        if S not in args.check_seq:
+            continue
+        try:
+            res["check"][f"{name}{S}"] = check_ours(name, S, args.check_dtypes)
+        except Exception:
+            res["check"][f"{name}{S}"] = {"error": traceback.format_exc()[-800:]}
+            print(res["check"][f"{name}{S}"]["error"], flush=True)
+        print("check", name, S, {k: f"{v:.1e}" for k, v in res["check"][f"{name}{S}"].items()
+                                  if isinstance(v, float)}, flush=True)
+        torch.cuda.empty_cache()
+    save("check")
     print_table(res)
 
 
@@ -468,7 +472,8 @@ def print_table(res, file=None):
             elif v is None:
                 cell = "-"
             else:
-                cell = "crash" if "crash" in v else ("skipped" if v.startswith("skipped") else "error")
+                cell = ("refused" if ("refused" in v or "incorrect results" in v) else "crash" if "crash" in v
+                        else "skipped" if v.startswith("skipped") else "error")
             cells.append(cell)
         lines.append(f"| {kn} | " + " | ".join(cells) + " |")
     for an, vals in res.get("anchors_from_ANCHORS_md", {}).items():
@@ -581,6 +586,7 @@ def main():
     ap.add_argument("--plot", help="make the png and the README table from a results json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check-seq", type=int, nargs="*", default=list(SEQ))
+    ap.add_argument("--check-dtypes", nargs="*", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--competitor-timeout", type=int, default=300)
     ap.add_argument("--no-competitors", action="store_true")
     ap.add_argument("--worker", nargs="+")

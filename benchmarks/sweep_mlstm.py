@@ -1,4 +1,7 @@
-"""Tile/warp sweep of our mLSTM Triton kernels (fw and fwbw at S=4k, 65k tokens): python benchmarks/sweep_mlstm.py"""
+"""Tile/warp sweep of our mLSTM Triton kernels (fw and fwbw at S=4k, 65k tokens).
+
+    python benchmarks/sweep_mlstm.py [variant ...]      # all variants when none is named
+"""
 import json
 import os
 import sys
@@ -13,6 +16,7 @@ from fastxlstm.ops.mlstm.triton._chunkwise import MLSTMTritonConfig, default_con
 VARIANTS = {
     "default": {},
     "w4": {"num_warps": 4},
+    "w8": {"num_warps": 8},
     "st3": {"num_stages": 3},
     "st1": {"num_stages": 1},
     "Ks128": {"block_k_state": 128},
@@ -30,6 +34,8 @@ for name in ("A", "B"):
     d = SHAPES[name]
     base = default_config(d["DQK"], d["DV"])
     for vn, kw in VARIANTS.items():
+        if len(sys.argv) > 1 and vn not in sys.argv[1:]:
+            continue
         if name == "A" and vn in ("V64", "K64"):
             continue
         cfg = MLSTMTritonConfig(**{**base.__dict__, **kw})
