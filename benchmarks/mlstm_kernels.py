@@ -503,6 +503,13 @@ def print_table(res, file=None):
             cv = f"{anc[B]} (anchor)"
         lines.append(f"| {B} | {r['ms']:.4f} | {r['tb_per_s']:.2f} | {r['ms_cuda_graph']:.4f} | "
                      f"{r['tb_per_s_cuda_graph']:.2f} | {cv} |")
+    fu = res.get("decode_ours_followup")
+    if fu:
+        lines += ["", "Ours after a host-side fix of the step wrapper (plain integer tiling helpers; " + fu["note"] + "): "
+                  + "; ".join(
+            f"B={B} {fu[B]['ms']:.4f} ms ({decode_bytes(int(B)) / (fu[B]['ms'] * 1e-3) / 1e12:.2f} TB/s)"
+            for B in ("1", "64", "256") if B in fu) + f". Host time of one B=1 call: {fu['1']['host_us_per_call']} us "
+            f"(before: {fu['host_us_per_call_before_fix']} us)."]
     if res.get("competitors_not_run"):
         lines += ["", "Not run side by side: " + res["competitors_not_run"]]
     errs = [r for r in res.get("competitors", []) if "error" in r]
@@ -540,6 +547,7 @@ def plot(res, path):
             kernels.append(k[0])
     fig, axes = plt.subplots(1, 5, figsize=(24, 5))
     panels = [(n, mode) for n in SHAPES for mode in ("fw", "fwbw")]
+    colors = {kn: f"C{j}" for j, kn in enumerate(kernels)}
     for ax, (n, mode) in zip(axes, panels):
         width = 0.8 / max(1, len(kernels))
         for j, kn in enumerate(kernels):
@@ -549,7 +557,11 @@ def plot(res, path):
                 if isinstance(v, float):
                     xs.append(s_i + j * width)
                     ys.append(v)
-            ax.bar(xs, ys, width=width, label=kn, hatch="//" if "anchor" in kn else None)
+                elif isinstance(v, str):  # a failed competitor: say so where its bar would be
+                    word = "refused" if ("refused" in v or "incorrect results" in v) else "crash"
+                    ax.text(s_i + j * width, 0.02, word, rotation=90, fontsize=6, ha="center", va="bottom",
+                            transform=ax.get_xaxis_transform(), color=colors[kn])
+            ax.bar(xs, ys, width=width, label=kn, color=colors[kn], hatch="//" if "anchor" in kn else None)
         for s_i, S in enumerate(SEQ):
             t_fl = max(floor_bytes(n, S, mode) / res["ceilings"]["copy_bytes_per_s"],
                        model_flops(n, S, mode) / res["ceilings"]["bf16_matmul_flops"]) * 1e3
@@ -562,13 +574,19 @@ def plot(res, path):
     axes[0].legend(fontsize=6)
     ax = axes[4]
     Bs = list(res["decode_ours"])
-    ax.bar([x - 0.2 for x in range(len(Bs))], [res["decode_ours"][b]["ms"] for b in Bs], 0.4, label="ours")
+    fu = res.get("decode_ours_followup") or {}
+    w = 0.27 if fu else 0.4
+    ax.bar([x - w for x in range(len(Bs))] if fu else [x - 0.2 for x in range(len(Bs))],
+           [res["decode_ours"][b]["ms"] for b in Bs], w, label="ours")
+    if fu:
+        ax.bar(list(range(len(Bs))), [fu.get(b, {}).get("ms", 0) for b in Bs], w,
+               label="ours, host fix (follow-up call)")
     comp = {str(r["S"]): r.get("ms") for r in res.get("competitors", []) if r["shape"] == "decode"}
     label = "mlstm_kernels step"
     if not any(comp.values()):
         comp = res.get("anchors_from_ANCHORS_md", {}).get("mlstm_kernels triton step (anchor, ms)", {})
         label += " (anchor)"
-    ax.bar([x + 0.2 for x in range(len(Bs))], [comp.get(b) or 0 for b in Bs], 0.4, label=label,
+    ax.bar([x + (w if fu else 0.2) for x in range(len(Bs))], [comp.get(b) or 0 for b in Bs], w, label=label,
            hatch="//" if "anchor" in label else None)
     ax.set_xticks(range(len(Bs)))
     ax.set_xticklabels([f"B={b}" for b in Bs])
