@@ -135,6 +135,28 @@ def _worker() -> dict:
         errs["inputs_untouched"] = outs["inputs_untouched"]
         results["step_" + dt] = errs
 
+    # the kernels' fp32 -> bf16 conversion (_r16) rounds to nearest even under the interpreter, as the GPU does
+    # (the interpreter's own conversion truncates), so the bf16 errors above are the GPU's
+    import triton
+    import triton.language as tl
+    from fastxlstm.ops.mlstm.triton import _chunkwise as ck
+    globals()["_r16"] = ck._r16  # the interpreter resolves a kernel's names in its module's globals
+
+    @triton.jit
+    def _round_kernel(x_ptr, y_ptr, N: tl.constexpr, UP: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(y_ptr + o, _r16(tl.load(x_ptr + o), tl.bfloat16, UP))  # noqa: F821
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 10.0 ** torch.randint(
+        -20, 20, (4096,), generator=torch.Generator().manual_seed(4))
+    ys = {}
+    for up in (True, False):
+        y = torch.empty(4096, dtype=torch.bfloat16)
+        _round_kernel[(1,)](x, y, N=4096, UP=up)
+        ys[up] = y
+    results["r16_round_to_nearest_even"] = bool(torch.equal(ys[True], x.to(torch.bfloat16)))
+    results["interpreter_conversion_is_rne"] = bool(torch.equal(ys[False], x.to(torch.bfloat16)))
+
     # float64 is refused with a clear error, not silently computed in another precision
     try:
         q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
@@ -176,6 +198,11 @@ def test_step_matches_reference(interp_results, dt):
     tol = 1e-5 if dt == "float32" else 1e-2
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, f"step {dt}: relative errors over {tol}: {bad} (all: {errs})"
+
+
+def test_bf16_rounding_matches_the_gpu(interp_results):
+    # round-to-nearest-even on 4096 values over 40 decades, bit for bit
+    assert interp_results["r16_round_to_nearest_even"]
 
 
 def test_float64_refused(interp_results):
