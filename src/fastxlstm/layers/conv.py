@@ -80,7 +80,9 @@ class CausalConv1d(nn.Module):
         xp = torch.cat([state, x], dim=1)  # (B, K-1+S, D); xp[:, K-1+t] = x[:, t]
         w = self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        if resets is not None and bool(resets.any()):
+        # (inside torch.compile the masked path runs whenever resets are given: it is exact without resets too, and
+        # testing for any reset would need the value on the host, splitting the graph)
+        if resets is not None and (torch.compiler.is_compiling() or bool(resets.any())):
             return self._forward_resets(xp, w, b, resets)
         if S == 1:
             # decoding step: one dot product per channel, cheaper than launching a convolution
@@ -101,8 +103,10 @@ class CausalConv1d(nn.Module):
         # window element k of output t reads input position t - (K-1) + k (negative = carried state)
         win_pos = pos[:, None] - (K - 1) + torch.arange(K, device=xp.device)[None, :]  # (S, K)
         keep = (win_pos[None] >= seg[:, :, None]).to(xp.dtype)  # (B, S, K)
-        windows = xp.unfold(1, K, 1)  # (B, S, D, K)
-        y = torch.einsum("bsdk,bsk,dk->bsd", windows, keep, w[:, 0, :])
+        # y[b, t] = sum_k keep[b, t, k] w[:, k] xp[b, t + k]: K shifted slices (no unfold view: torch.compile's
+        # CPU backend corrupted the heap in the backward of the unfold + einsum form, torch 2.13)
+        wk = w[:, 0, :]  # (D, K)
+        y = sum(xp[:, k:k + S] * (keep[:, :, k:k + 1] * wk[:, k]) for k in range(K))
         if b is not None:
             y = y + b
         # the carried window must not hold inputs from before the last document start either
