@@ -9,7 +9,8 @@ from fastxlstm.models.presets import build_model
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def _flat(state):
