@@ -470,9 +470,9 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
             dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
                          other=0.0)
             dPT += _dot(vv, tl.trans(dh), IP, UP)
-        # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards. (Rounding
-        # dh / Z to 16 bits first cost d_f up to 1.8e-2 in bf16 at DV = 64: q.dq and k.dk, from which the gate
-        # gradients are formed, cancel to ~1/sqrt(D) of their terms, so per-element rounding is amplified.)
+        # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards
+        # (rounding dh / Z to 16 bits first was one more rounding in every product, for nothing; see _backward
+        # for why the gate gradients are sensitive to such roundings)
         dPT = dPT * rz[None, :] + dd[None, :]
         keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
         DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
