@@ -16,29 +16,16 @@ import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fastxlstm.ops.mlstm.triton import _chunkwise as ck
 from fastxlstm.ops.mlstm.triton import _step as st
+from fastxlstm.ops.mlstm.triton._aot import compile_for
 
-HALF = {"q_ptr", "k_ptr", "v_ptr", "h_ptr", "Cbuf_ptr", "dCbuf_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    sig = {}
-    for a in fn.arg_names:
-        if a.endswith("_ptr"):
-            sig[a] = "*bf16" if a in HALF else {"seg_ptr": "*i32", "r_ptr": "*i8"}.get(a, "*fp32")
-        elif a in ("S", "NC", "NH", "BH", "R"):
-            sig[a] = "i32"
-        elif a in ("scale", "eps"):
-            sig[a] = "fp32"
-        else:
-            sig[a] = "constexpr"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+    k = compile_for(fn, constexprs, num_warps=num_warps, num_stages=num_stages)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as fh:
         fh.write(k.asm["cubin"])
     out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout

@@ -225,26 +225,12 @@ def _aot_worker() -> None:
     the GPU runs use 3.6)."""
     import importlib
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     ck = importlib.import_module("fastxlstm.ops.mlstm.triton._chunkwise")
     st = importlib.import_module("fastxlstm.ops.mlstm.triton._step")
-    half = {"q_ptr", "k_ptr", "v_ptr", "h_ptr", "Cbuf_ptr", "dCbuf_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+    aot = importlib.import_module("fastxlstm.ops.mlstm.triton._aot")
 
-    def comp(fn, cons, dt="bf16"):
-        sig = {}
-        for a in fn.arg_names:
-            if a.endswith("_ptr"):
-                sig[a] = "*" + dt if a in half else {"seg_ptr": "*i32", "r_ptr": "*i8"}.get(a, "*fp32")
-            elif a in ("S", "NC", "NH", "BH", "R"):
-                sig[a] = "i32"
-            elif a in ("scale", "eps"):
-                sig[a] = "fp32"
-            else:
-                sig[a] = "constexpr"
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cons), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "num_stages": 2})
+    def comp(fn, cons):
+        k = aot.compile_for(fn, cons, num_warps=4, num_stages=2)
         assert len(k.asm["cubin"]) > 0
         print("compiled", fn.__name__, flush=True)
 
