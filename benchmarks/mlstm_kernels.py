@@ -452,7 +452,9 @@ def print_table(res, file=None):
              f"mlstm_kernels {res['versions'].get('mlstm_kernels')}, fla {res['versions'].get('fla-core')}; "
              f"{res['date']}. Copy {ce['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
              f"{ce['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s (measured).", "",
-             "Times in ms (median), 65,536 tokens per call, bf16. Model TFLOP/s in brackets for ours.", ""]
+             "Times in ms (median), 65,536 tokens per call, bf16. For ours in brackets: model TFLOP/s, and the compulsory "
+             "bytes (q, k, v read and h written; fwbw adds dh read and dq, dk, dv written) per second, to set against "
+             "the copy bandwidth above; the floor row is the time at that bandwidth or at the matmul rate.", ""]
     cols = [(n, S, mode) for n in SHAPES for S in SEQ for mode in ("fw", "fwbw")]
     lines.append("| kernel | " + " | ".join(f"{n} S={S // 1024}k {mode}" for n, S, mode in cols) + " |")
     lines.append("|---" * (len(cols) + 1) + "|")
@@ -468,7 +470,8 @@ def print_table(res, file=None):
             if isinstance(v, float):
                 cell = f"{v:.3f}"
                 if kn.startswith("ours"):
-                    cell += f" ({model_flops(n, S, mode) / (v * 1e-3) / 1e12:.0f})"
+                    cell += (f" ({model_flops(n, S, mode) / (v * 1e-3) / 1e12:.0f} TF, "
+                             f"{floor_bytes(n, S, mode) / (v * 1e-3) / 1e12:.2f} TB/s)")
             elif v is None:
                 cell = "-"
             else:
