@@ -652,10 +652,12 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, dCbuf, mbuf, dv, S, NC, scale,
                                                   DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L, dq, dk, dv, dC0, dn0)
+    di, df = _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L)
+    return dq, dk, dv, di, df, dC0, dn0
 
 
-def _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L, dq, dk, dv, dC0, dn0):
+def _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L):
+    """(d i, d f) from the kernels' per-token dot products (fp32 partials, summed over their first axis)."""
     # gate gradients from the per-token dot products (see the module docstring). Summed inside each chunk, with
     # the pairs that cancel kept apart: for t in chunk c,
     #   d log f_t = sum_{u >= t} (q.dq - k.dk_intra)_u + sum_{j < t} (k.dk_inter)_j + Eg_c
@@ -670,7 +672,7 @@ def _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L, dq, dk, dv, dC0, dn0)
     dlf = g.flip(-1).cumsum(-1).flip(-1) + (x.cumsum(-1) - x) + Epart.double().sum(0).view(B, NH, NC, 1)
     dlf = dlf.view(B, NH, NC * L)[..., :S]
     df = dlf * torch.sigmoid(-f.double())
-    return dq, dk, dv, di, df, dC0, dn0
+    return di, df
 
 
 class _MLSTMTritonFn(torch.autograd.Function):
