@@ -96,23 +96,37 @@ class MLSTMRun:
         return {"h": self.h, "C": self.C, "n": self.n, "m": self.m}
 
 
+def make_leaves(case: MLSTMCase, grad: bool = True, device=None) -> Dict[str, torch.Tensor]:
+    """Fresh leaf copies of the case's tensors (on ``device`` if given); all but m0 require grad when ``grad``."""
+    return {k: t.detach().clone().to(device or t.device).requires_grad_(grad and k != "m0")
+            for k, t in case.tensors.items()}
+
+
+def leaf_state(case: MLSTMCase, leaves: Dict[str, torch.Tensor]):
+    """(C0, n0, m0) from the leaves, or None for a case without an initial state."""
+    return (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
+
+
+def output_grads(case: MLSTMCase, leaves: Dict[str, torch.Tensor], h, C, n) -> Dict[str, torch.Tensor]:
+    """Gradients of <h, gh> + <C, gC> + <n, gn> (the case's output gradients) for every leaf but m0; a leaf the
+    outputs do not depend on gets zeros."""
+    go = {k: t.to(h.device) for k, t in case.grads_out.items()}
+    loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
+    names = [k for k in leaves if k != "m0"]
+    gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(names, gs)}
+
+
 def run_mlstm(case: MLSTMCase, backend: str, chunk_size: int = 64, eps: float = 1e-6,
               resets: Optional[torch.Tensor] = None, grad: bool = True) -> MLSTMRun:
     """Forward (and backward of <h, gh> + <C, gC> + <n, gn>) of ``mlstm`` with one backend.
 
     Gradients are taken for q, k, v, i, f and, with an initial state, C0 and n0 (m gets no gradient)."""
-    leaves = {k: t.detach().clone().requires_grad_(grad and k != "m0") for k, t in case.tensors.items()}
-    state = (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
-    h, (C, n, m) = mlstm(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], state=state,
-                         backend=backend, chunk_size=chunk_size, eps=eps, resets=resets)
-    grads: Dict[str, torch.Tensor] = {}
-    if grad:
-        go = case.grads_out
-        loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
-        names = [k for k in leaves if k != "m0"]
-        gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-        for k, gk in zip(names, gs):
-            grads[k] = gk if gk is not None else torch.zeros_like(leaves[k])
+    leaves = make_leaves(case, grad)
+    h, (C, n, m) = mlstm(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"],
+                         state=leaf_state(case, leaves), backend=backend, chunk_size=chunk_size, eps=eps,
+                         resets=resets)
+    grads = output_grads(case, leaves, h, C, n) if grad else {}
     return MLSTMRun(h.detach(), C.detach(), n.detach(), m.detach(), grads)
 
 
@@ -127,8 +141,8 @@ def compare_runs(got, ref) -> Dict[str, float]:
 
 def run_mlstm_steps(case: MLSTMCase, eps: float = 1e-6, grad: bool = True) -> MLSTMRun:
     """S calls of ``mlstm_step`` (backend 'torch'), carrying the state; same loss as :func:`run_mlstm`."""
-    leaves = {k: t.detach().clone().requires_grad_(grad and k != "m0") for k, t in case.tensors.items()}
-    state = (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
+    leaves = make_leaves(case, grad)
+    state = leaf_state(case, leaves)
     S = leaves["q"].shape[2]
     hs = []
     for t in range(S):
@@ -137,14 +151,7 @@ def run_mlstm_steps(case: MLSTMCase, eps: float = 1e-6, grad: bool = True) -> ML
         hs.append(h_t)
     h = torch.stack(hs, dim=2)
     C, n, m = state
-    grads: Dict[str, torch.Tensor] = {}
-    if grad:
-        go = case.grads_out
-        loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
-        names = [k for k in leaves if k != "m0"]
-        gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-        for k, gk in zip(names, gs):
-            grads[k] = gk if gk is not None else torch.zeros_like(leaves[k])
+    grads = output_grads(case, leaves, h, C, n) if grad else {}
     return MLSTMRun(h.detach(), C.detach(), n.detach(), m.detach(), grads)
 
 

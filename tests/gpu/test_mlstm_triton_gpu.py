@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import make_mlstm_case, rel_err  # noqa: E402
+from helpers import leaf_state, make_leaves, make_mlstm_case, output_grads, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -39,15 +39,10 @@ def _resets(B, S, device):
 
 def _run(case, fn, dtype, resets):
     c = case.cast(dtype)
-    leaves = {k: t.detach().clone().cuda().requires_grad_(k != "m0") for k, t in c.tensors.items()}
-    st = (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
-    h, (C, n, m) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], st, resets)
-    go = {k: t.cuda() for k, t in case.grads_out.items()}
-    loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
-    names = [k for k in leaves if k != "m0"]
-    gs = torch.autograd.grad(loss, [leaves[k] for k in names])
+    leaves = make_leaves(c, device="cuda")
+    h, (C, n, m) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], leaf_state(c, leaves), resets)
     out = {"h": h, "C": C, "n": n, "m": m}
-    out.update({"d_" + k: g for k, g in zip(names, gs)})
+    out.update({"d_" + k: g for k, g in output_grads(case, leaves, h, C, n).items()})
     return out
 
 

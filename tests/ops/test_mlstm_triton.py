@@ -52,17 +52,12 @@ def _resets(kind, B, S):
 
 
 def _run(case, fn, dtype, resets):
-    import torch
+    from helpers import leaf_state, make_leaves, output_grads
     c = case.cast(dtype)
-    leaves = {k: t.detach().clone().requires_grad_(k != "m0") for k, t in c.tensors.items()}
-    st = (leaves["C0"], leaves["n0"], leaves["m0"]) if case.has_state else None
-    h, (C, n, m) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], st, resets)
-    go = case.grads_out
-    loss = (h * go["h"].to(h.dtype)).sum() + (C * go["C"].to(C.dtype)).sum() + (n * go["n"].to(n.dtype)).sum()
-    names = [k for k in leaves if k != "m0"]
-    gs = torch.autograd.grad(loss, [leaves[k] for k in names])
+    leaves = make_leaves(c)
+    h, (C, n, m) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["i"], leaves["f"], leaf_state(c, leaves), resets)
     out = {"h": h, "C": C, "n": n, "m": m}
-    out.update({"d_" + k: g for k, g in zip(names, gs)})
+    out.update({"d_" + k: g for k, g in output_grads(case, leaves, h, C, n).items()})
     return out
 
 
