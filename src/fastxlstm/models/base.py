@@ -22,7 +22,7 @@ It gets:
 - ``save_pretrained(dir, max_shard_size="2GB")`` and the classmethod ``from_pretrained(dir, device=None,
   dtype=None)`` (see :mod:`fastxlstm.models.io`): config.json + safetensors, written atomically.
 - ``num_parameters(exclude_embeddings=False)``, ``device`` and ``dtype`` properties, and the input checks
-  ``check_input_ids`` / ``check_resets`` / ``check_state`` that forward() implementations should call.
+  ``check_forward_inputs`` (token ids, resets, state: what forward() implementations call first).
 
 Generation needs nothing more than forward/init_state: prefill is ``forward(prompt, resets=...)`` and each step
 ``forward(token[:, None], state=state)``. Left padding reaches the model only through ``resets``, so every
@@ -139,6 +139,15 @@ class XLSTMModelBase(nn.Module):
         if resets.device != self.device:
             raise ValueError(f"resets is on {resets.device} but the model is on {self.device}")
         return resets
+
+    def check_forward_inputs(self, input_ids, state, resets):
+        """What every forward() checks first: token ids (B, S) with S > 0, resets (B, S) bool or None, a state of
+        this model's layout for B rows or None. Returns (ids as int64, resets, state)."""
+        ids = self.check_input_ids(input_ids)
+        B, S = ids.shape
+        if S == 0:
+            raise ValueError("input_ids has sequence length 0")
+        return ids, self.check_resets(resets, B, S), self.check_state(state, B)
 
     def check_state(self, state, batch_size: int) -> Optional[XLSTMState]:
         """Check that ``state`` is an XLSTMState of this model's layout for ``batch_size`` rows.

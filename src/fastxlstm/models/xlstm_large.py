@@ -296,12 +296,8 @@ class XLSTMLarge(XLSTMModelBase):
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
                 return_state: bool = True, backend: Optional[str] = None) -> CausalLMOutput:
-        ids = self.check_input_ids(input_ids)
+        ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
         B, S = ids.shape
-        if S == 0:
-            raise ValueError("input_ids has sequence length 0")
-        resets = self.check_resets(resets, B, S)
-        state = self.check_state(state, B)
         backend = backend or self.backend or "auto"
         x = self.backbone.embeddings(ids)
         new_blocks = []

@@ -232,12 +232,8 @@ class XLSTMLM(XLSTMModelBase):
         """input_ids (B, S) int in [0, vocab_size); state from a previous call (or None); resets (B, S) bool,
         True at t clears the state (cells and conv windows) before token t. Returns float32 logits (B, S, V) and
         the new state (None when ``return_state`` is False). The given state is never modified."""
-        ids = self.check_input_ids(input_ids)
+        ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
         B, S = ids.shape
-        if S == 0:
-            raise ValueError("input_ids has sequence length 0")
-        resets = self.check_resets(resets, B, S)
-        state = self.check_state(state, B)
         c = self.config
         x = self.token_embedding(ids)
         new_blocks = []
