@@ -164,6 +164,16 @@ def _update_latest(run_dir: str) -> None:
     os.replace(tmp, link)
 
 
+def _jsonl_records(path: str):
+    """(line, record) for every line of a JSON-lines file that parses (a line cut short by a crash is skipped)."""
+    with open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 class _MetricsLog:
     """metrics.jsonl (rank 0), plus TensorBoard scalars when asked."""
 
@@ -171,15 +181,8 @@ class _MetricsLog:
         self.path = path
         if resume_step is not None and os.path.isfile(path):
             # drop lines written after the checkpoint we resume from, so the curve has no duplicate steps
-            keep = []
-            with open(path, "r", encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if rec.get("step", 0) <= resume_step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
+            keep = [line if line.endswith("\n") else line + "\n"
+                    for line, rec in _jsonl_records(path) if rec.get("step", 0) <= resume_step]
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
         elif resume_step is None and os.path.exists(path):
@@ -213,13 +216,8 @@ def plot_metrics(metrics_path: str, png_path: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     tr, ev = [], []
-    with open(metrics_path, "r", encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            (tr if r.get("split") == "train" else ev if r.get("split") == "eval" else []).append(r)
+    for _, r in _jsonl_records(metrics_path):
+        (tr if r.get("split") == "train" else ev if r.get("split") == "eval" else []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if tr:
         ax.plot([r["step"] for r in tr], [r["bpb"] for r in tr], label="train", lw=1.2)
@@ -327,7 +325,6 @@ def train(cfg: TrainConfig, step_callback: Optional[Callable[[int, Dict[str, Any
 
 
 def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
-    t_start = time.time()
     device = info.device
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
