@@ -121,8 +121,9 @@ class XLSTMModelBase(nn.Module):
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
         if input_ids.numel() > 0 and not torch.compiler.is_compiling():
             # one device-to-host transfer for both bounds (this runs on every decoding step). Skipped inside
-            # torch.compile, where it would split the graph: the embedding lookup still refuses a bad id there
-            # (IndexError on the CPU, a device-side assert on CUDA), and the trainer's ids come from its tokenizer
+            # torch.compile, where it would split the graph: a bad id there is not silent but fatal (Inductor's
+            # "index out of bounds" abort on the CPU, a device-side assert on CUDA); the trainer checks the range
+            # of its token data when it loads it
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {lo} max {hi}")
