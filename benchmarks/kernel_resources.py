@@ -17,9 +17,9 @@ import tempfile
 
 import triton
 
-from fastxlstm.ops.mlstm.triton import _chunkwise as ck
-from fastxlstm.ops.mlstm.triton import _step as st
-from fastxlstm.ops.mlstm.triton._aot import compile_for
+from fastxlstm.ops.mlstm_forms.triton import _chunkwise as ck
+from fastxlstm.ops.mlstm_forms.triton import _step as st
+from fastxlstm.ops.mlstm_forms.triton._aot import compile_for
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

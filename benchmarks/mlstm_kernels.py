@@ -217,8 +217,8 @@ def check_ours(name, S, dtypes=("bf16", "fp32")):
     """bf16 and fp32 (IEEE) runs of our kernel on a 1-sequence slice of the benchmark shape, against the lead's
     chunkwise PyTorch form in float64 (itself tested against the step reference), outputs and all gradients."""
     import torch
-    from fastxlstm.ops.mlstm.chunkwise import mlstm_chunkwise
-    from fastxlstm.ops.mlstm.triton import mlstm_triton
+    from fastxlstm.ops.mlstm_forms.chunkwise import mlstm_chunkwise
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_triton
     errs = {}
     for dtype in [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in dtypes]:
         xs, dh = make_inputs(name, S, dtype, True, seed=1, batch=1)
@@ -243,7 +243,7 @@ def check_ours(name, S, dtypes=("bf16", "fp32")):
 
 def bench_ours(name, S, config=None):
     import torch
-    from fastxlstm.ops.mlstm.triton._chunkwise import mlstm_chunkwise_triton
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import mlstm_chunkwise_triton
 
     def call(q, k, v, i, f):
         return mlstm_chunkwise_triton(q, k, v, i, f, config=config)[0]
@@ -296,8 +296,8 @@ def bench_sdpa(name, S):
 
 def bench_decode_ours(B):
     import torch
-    from fastxlstm.ops.mlstm.reference import mlstm_step_reference
-    from fastxlstm.ops.mlstm.triton import mlstm_step_triton
+    from fastxlstm.ops.mlstm_forms.reference import mlstm_step_reference
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton
     d = DECODE
     q = torch.randn(B, d["NH"], d["DQK"], device="cuda", dtype=torch.bfloat16)
     k = torch.randn_like(q)

@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from mlstm_kernels import fw_and_fwbw, make_inputs  # noqa: E402
 
-from fastxlstm.ops.mlstm.triton._chunkwise import mlstm_chunkwise_triton  # noqa: E402
+from fastxlstm.ops.mlstm_forms.triton._chunkwise import mlstm_chunkwise_triton  # noqa: E402
 
 
 def call(q, k, v, i, f):

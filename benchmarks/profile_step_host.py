@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from fastxlstm.ops.mlstm.triton import mlstm_step_triton
+from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton
 
 q = torch.randn(1, 8, 256, device="cuda", dtype=torch.bfloat16)
 k = torch.randn_like(q)

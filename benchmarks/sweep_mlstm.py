@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlstm_kernels import SHAPES, bench_ours  # noqa: E402
 
-from fastxlstm.ops.mlstm.triton._chunkwise import MLSTMTritonConfig, default_config  # noqa: E402
+from fastxlstm.ops.mlstm_forms.triton._chunkwise import MLSTMTritonConfig, default_config  # noqa: E402
 
 VARIANTS = {
     "default": {},

@@ -57,8 +57,8 @@ def _ieee_fp32():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 def test_sequence_vs_reference(shape, dtype):
-    from fastxlstm.ops.mlstm.reference import mlstm_reference
-    from fastxlstm.ops.mlstm.triton import mlstm_triton
+    from fastxlstm.ops.mlstm_forms.reference import mlstm_reference
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_triton
     B, NH, S, DQK, DV, with_state, with_resets = shape
     case = make_mlstm_case(B, NH, S, DQK, DV, seed=S + DQK, with_state=with_state).cast(dtype).up()
     resets = _resets(B, S, "cuda") if with_resets else None
@@ -81,8 +81,8 @@ def _cache_size(kernel) -> int:
 
 
 def test_new_lengths_and_batches_do_not_recompile():
-    from fastxlstm.ops.mlstm.triton import _chunkwise as ck
-    from fastxlstm.ops.mlstm.triton import mlstm_triton
+    from fastxlstm.ops.mlstm_forms.triton import _chunkwise as ck
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_triton
     kernels = [ck._scalars_kernel, ck._fwd_state_kernel, ck._fwd_out_kernel]
 
     def call(B, S):
@@ -103,7 +103,7 @@ def test_new_lengths_and_batches_do_not_recompile():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_step_vs_reference(B, dtype):
     from fastxlstm.ops import mlstm_step
-    from fastxlstm.ops.mlstm.reference import mlstm_step_reference
+    from fastxlstm.ops.mlstm_forms.reference import mlstm_step_reference
     NH, DQK, DV = 8, 256, 512
     g = torch.Generator(device="cuda").manual_seed(B)
     x = [torch.randn(B, NH, d, device="cuda", generator=g).to(dtype) for d in (DQK, DQK, DV)]
@@ -127,7 +127,7 @@ def test_step_vs_reference(B, dtype):
 
 def test_public_op_dispatches_to_triton():
     from fastxlstm.ops import mlstm
-    from fastxlstm.ops.mlstm.triton import mlstm_triton
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_triton
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k = (torch.randn(2, 2, 77, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(2, 2, 77, 128, device="cuda", generator=g, dtype=torch.bfloat16)

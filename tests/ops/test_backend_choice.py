@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import fastxlstm.ops as ops
+from fastxlstm.ops import dispatch as ops
 
 
 def _qv(B, NH, DQK, DV, dtype=torch.float32):

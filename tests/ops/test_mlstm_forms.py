@@ -1,6 +1,6 @@
 """Every mLSTM form against the float64 step-by-step reference (issue 2; shared/spec/XLSTM.md section 1).
 
-The reference (ops/mlstm/reference.py) is the definition. Each backend must match it in outputs, final state and
+The reference (ops/mlstm_forms/reference.py) is the definition. Each backend must match it in outputs, final state and
 gradients of q, k, v, i, f and of the initial state (C, n): relative error ||a - b|| / ||b|| below 1e-5 in
 float64 and 1e-4 in float32, where the float32 run is compared to the float64 reference computed from the same
 (rounded) values. m is a stabiliser without gradient, so the loss used for gradients reads h, C and n only.

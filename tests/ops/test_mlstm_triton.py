@@ -67,9 +67,9 @@ def _worker() -> dict:
 
     sys.path.insert(0, os.path.dirname(HERE))
     from helpers import make_mlstm_case, rel_err
-    from fastxlstm.ops.mlstm.reference import mlstm_reference, mlstm_step_reference
-    from fastxlstm.ops.mlstm.triton import mlstm_step_triton
-    from fastxlstm.ops.mlstm.triton._chunkwise import MLSTMTritonConfig, default_config, mlstm_chunkwise_triton
+    from fastxlstm.ops.mlstm_forms.reference import mlstm_reference, mlstm_step_reference
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import MLSTMTritonConfig, default_config, mlstm_chunkwise_triton
 
     small = MLSTMTritonConfig(chunk=32, block_t=16, block_k=16, block_v=16, block_k_state=16, block_v_state=16)
     results = {}
@@ -134,7 +134,7 @@ def _worker() -> dict:
     # (the interpreter's own conversion truncates), so the bf16 errors above are the GPU's
     import triton
     import triton.language as tl
-    from fastxlstm.ops.mlstm.triton import _chunkwise as ck
+    from fastxlstm.ops.mlstm_forms.triton import _chunkwise as ck
     globals()["_r16"] = ck._r16  # the interpreter resolves a kernel's names in its module's globals
 
     @triton.jit
@@ -206,7 +206,7 @@ def test_float64_refused(interp_results):
 
 def test_import_is_lazy():
     code = ("import sys, importlib, fastxlstm, fastxlstm.ops; "
-            "t = importlib.import_module('fastxlstm.ops.mlstm.triton'); "
+            "t = importlib.import_module('fastxlstm.ops.mlstm_forms.triton'); "
             "assert callable(t.mlstm_triton) and callable(t.mlstm_step_triton); "
             "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -220,9 +220,9 @@ def _aot_worker() -> None:
     the GPU runs use 3.6)."""
     import importlib
 
-    ck = importlib.import_module("fastxlstm.ops.mlstm.triton._chunkwise")
-    st = importlib.import_module("fastxlstm.ops.mlstm.triton._step")
-    aot = importlib.import_module("fastxlstm.ops.mlstm.triton._aot")
+    ck = importlib.import_module("fastxlstm.ops.mlstm_forms.triton._chunkwise")
+    st = importlib.import_module("fastxlstm.ops.mlstm_forms.triton._step")
+    aot = importlib.import_module("fastxlstm.ops.mlstm_forms.triton._aot")
 
     def comp(fn, cons):
         k = aot.compile_for(fn, cons, num_warps=4, num_stages=2)

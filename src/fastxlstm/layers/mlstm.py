@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.state import MLSTMBlockState
+from .state import MLSTMBlockState
 from ..ops import mlstm, mlstm_step
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm

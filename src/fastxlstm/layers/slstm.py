@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.state import SLSTMBlockState
+from .state import SLSTMBlockState
 from ..ops import slstm
 from .conv import CausalConv1d
 from .ffn import GatedFFN

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from .state import MLSTMBlockState, XLSTMState
+from ..layers.state import MLSTMBlockState, XLSTMState
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

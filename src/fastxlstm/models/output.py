@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .state import XLSTMState
+from ..layers.state import XLSTMState
 
 
 @dataclass

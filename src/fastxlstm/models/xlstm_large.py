@@ -23,7 +23,7 @@ from ..ops import mlstm, mlstm_step
 from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
-from .state import MLSTMBlockState, XLSTMState
+from ..layers.state import MLSTMBlockState, XLSTMState
 
 __all__ = ["XLSTMLargeConfig", "XLSTMLarge", "soft_cap", "round_up_to_multiple"]
 

@@ -20,7 +20,7 @@ from ..layers.slstm import SLSTMBlock
 from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase
 from .output import CausalLMOutput
-from .state import XLSTMState
+from ..layers.state import XLSTMState
 
 __all__ = ["XLSTMLMConfig", "XLSTMLM", "slstm_positions"]
 
