@@ -91,16 +91,49 @@ def prepare_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
 # generation
 # ----------------------------------------------------------------------------------------------------------
 
-def _call(model, ids, state=None, resets=None):
+def _call(model, ids, state=None, resets=None, checked=True):
     """One forward in inference mode. Eval mode and no-grad are set per call (not around the whole stream) so
-    that the caller's code between two yielded tokens runs with its own settings."""
+    that the caller's code between two yielded tokens runs with its own settings. ``checked=False`` skips the
+    input checks: a token chosen from the model's own logits is valid by construction (the prompt was checked once
+    at the entry point)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            if not checked:
+                return model._forward(ids, state, resets, True)
             return model(ids, state=state, resets=resets)
     finally:
         model.train(was_training)
+
+
+def _prefill(model, ids, resets):
+    """The prompt in inference mode, in chunks (flat memory); logits of the last position only."""
+    from .graph import prefill
+    was_training = model.training
+    model.eval()
+    try:
+        return prefill(model, ids, resets)
+    finally:
+        model.train(was_training)
+
+
+def _use_graph(model, use_cuda_graph) -> bool:
+    if use_cuda_graph is not None and not isinstance(use_cuda_graph, bool):
+        raise ValueError(f"use_cuda_graph must be None (auto), True or False, got {use_cuda_graph!r}")
+    from .graph import graph_decoding_available
+    available = graph_decoding_available(model)
+    if use_cuda_graph and not available:
+        raise ValueError("use_cuda_graph=True needs a model on a CUDA device (and not float64); "
+                         "use use_cuda_graph=None to fall back to the eager loop")
+    return available if use_cuda_graph is None else use_cuda_graph
+
+
+def _pick_stream(model, use_cuda_graph, sync_every, *args):
+    if _use_graph(model, use_cuda_graph):
+        from .graph import graph_stream
+        return graph_stream(model, *args, sync_every=sync_every)
+    return _stream(model, *args)
 
 
 def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, pad_token_id,
@@ -134,11 +167,9 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, 
             final: Optional[list]) -> Iterator[torch.Tensor]:
     if max_new_tokens == 0:
         if final is not None:
-            final.append(_call(model, ids, resets=resets).state)
+            final.append(_prefill(model, ids, resets)[1])
         return
-    out = _call(model, ids, resets=resets)
-    logits, state = out.logits[:, -1], out.state
-    del out
+    logits, state = _prefill(model, ids, resets)
     B = ids.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
@@ -150,7 +181,7 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, 
         done = step == max_new_tokens - 1 or (eos_t is not None and bool(finished.all()))
         if not done:
             # one step of the model on the carried state: the old state is dropped, so memory stays flat
-            out = _call(model, tok[:, None], state=state)
+            out = _call(model, tok[:, None], state=state, checked=False)
             logits, state = out.logits[:, 0], out.state
             del out
         elif final is not None:
@@ -160,18 +191,30 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, 
             return
 
 
+def _trim_finished(new: List[torch.Tensor], eos: List[int]) -> List[torch.Tensor]:
+    """Cut the steps after the first one at which every row had emitted an eos (the eager loop stops there)."""
+    toks = torch.stack(new, dim=1)
+    hit = torch.isin(toks, torch.tensor(eos, device=toks.device)).cummax(dim=1).values.all(dim=0)
+    if bool(hit.any()):
+        end = int(hit.nonzero()[0, 0]) + 1
+        return new[:end]
+    return new
+
+
 def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None, do_sample: Optional[bool] = None,
                     eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                     attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-                    generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    use_cuda_graph: Optional[bool] = None) -> Iterator[torch.Tensor]:
     """Yield the new tokens, one (B,) int64 tensor per step (at most ``max_new_tokens``; fewer when every row
     has emitted an eos). Arguments as for :func:`generate`; they are validated before the first step."""
     args = _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
                   pad_token_id, attention_mask, seed, generator)
     ids, sample, eos, fill, generator, resets = args
-    return _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-                   None)
+    use = _use_graph(model, use_cuda_graph)
+    return _pick_stream(model, use, 1, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill,
+                        generator, resets, None)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -179,7 +222,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None,
-             stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False):
+             stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False,
+             use_cuda_graph: Optional[bool] = None):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -196,6 +240,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             neither: torch's global RNG. Greedy decoding is deterministic regardless.
         stream: called with each step's (B,) token tensor as soon as it is chosen.
         return_state: also return the state after the last fed token (the final token is not fed).
+        use_cuda_graph: decode with a captured CUDA graph (:mod:`fastxlstm.generation.graph`): None (default) uses
+            it whenever the model is on a CUDA device, False forces the eager loop, True requires the graph. Both
+            paths choose the same tokens (greedy: identical; sampling: the same uniform draws per step).
 
     Returns:
         (B, S + n) int64: the prompts followed by n <= max_new_tokens new tokens (n < max_new_tokens only when all
@@ -206,13 +253,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     ids, sample, eos, fill, generator, resets = _setup(model, input_ids, max_new_tokens, temperature, top_k,
                                                        top_p, do_sample, eos_token_id, pad_token_id,
                                                        attention_mask, seed, generator)
+    use = _use_graph(model, use_cuda_graph)
+    # without a per-token consumer, the graph path checks for "all rows finished" every 8 steps only, so the host
+    # runs ahead of the GPU; the steps past the end are trimmed below
+    sync_every = 8 if (use and stream is None and not return_state) else 1
     final: list = []
     new = []
-    for tok in _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-                       final):
+    for tok in _pick_stream(model, use, sync_every, ids, max_new_tokens, temperature, top_k, top_p, sample, eos,
+                            fill, generator, resets, final):
         new.append(tok)
         if stream is not None:
             stream(tok)
+    if new and eos is not None and sync_every > 1:
+        new = _trim_finished(new, eos)
     tokens = torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids.clone()
     if return_state:
         return tokens, (final[0] if final else None)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sample_next_token"]
+__all__ = ["sample_next_token", "pick_with_uniform"]
 
 
 def _check_int(name, v, lo=None):
@@ -39,26 +39,43 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy (argmax, first index on ties) when not sampling, else
     sample from softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
-    probability reaches top_p (the most likely token is always kept). Returns (B,) int64."""
+    probability reaches top_p (the most likely token is always kept). Returns (B,) int64.
+
+    Sampling draws one uniform number per row (``torch.rand(B, generator=generator)``) and inverts the cumulative
+    distribution (:func:`pick_with_uniform`), the same deterministic function the CUDA-graph decoder captures, so
+    both paths choose the same token for the same logits and seed. A tiny temperature (e.g. 1e-40) tends to
+    greedy without overflow (the logits are shifted by their maximum before the division)."""
     sample = _check_sampling(temperature, top_k, top_p, do_sample, logits.shape[-1])
-    logits = logits.float()
     if not sample:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    V = logits.shape[-1]
+        return logits.float().argmax(dim=-1)
+    u = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    return pick_with_uniform(logits, u, temperature, top_k, top_p)
+
+
+def pick_with_uniform(logits: torch.Tensor, u: torch.Tensor, temperature, top_k: Optional[int] = None,
+                      top_p=None) -> torch.Tensor:
+    """Sample by inverse CDF: the token whose cumulative probability first reaches ``u * total``.
+
+    logits (B, V); u (B,) uniform in [0, 1); temperature a float > 0 or a 0-dim tensor; top_k an int or None;
+    top_p a float, a 0-dim tensor or None. No host synchronisation and no data-dependent shapes, so this runs
+    inside a captured CUDA graph. A token of probability 0 (masked by top-k / top-p) is never chosen: the target
+    is at least the smallest positive float, and the chosen index is the first whose cumulative sum reaches it.
+    """
+    x = logits.float()
+    x = (x - x.amax(dim=-1, keepdim=True)) / temperature  # the maximum is 0: exp never overflows
+    V = x.shape[-1]
     if top_k is not None and top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and (isinstance(top_p, torch.Tensor) or top_p < 1):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
         # drop a token when the tokens ranked above it already reach top_p
         above = probs.cumsum(dim=-1) - probs
         drop_sorted = above >= top_p
         drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
+        x = x.masked_fill(drop, float("-inf"))
+    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    target = (u.float()[:, None] * cdf[:, -1:]).clamp_min(torch.finfo(torch.float32).tiny)
+    return (cdf < target).sum(dim=-1).clamp_(max=V - 1)

@@ -41,6 +41,13 @@ from ..layers.state import MLSTMBlockState, XLSTMState
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def check_logits_to_keep(n) -> int:
+    """``logits_to_keep``: 0 (all positions) or a positive int (only the last n positions get logits)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {n!r}")
+    return n
+
+
 class XLSTMModelBase(nn.Module):
     """Base class: generation, checkpoint I/O and input validation shared by both models."""
 

@@ -21,7 +21,7 @@ from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops import mlstm, mlstm_step
 from ._config import ConfigDictMixin, is_int, is_num
-from .base import XLSTMModelBase
+from .base import XLSTMModelBase, check_logits_to_keep
 from .output import CausalLMOutput
 from ..layers.state import MLSTMBlockState, XLSTMState
 
@@ -295,15 +295,24 @@ class XLSTMLarge(XLSTMModelBase):
         return XLSTMState(blocks)
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
-                return_state: bool = True, backend: Optional[str] = None) -> CausalLMOutput:
+                return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids (B, S) int; state (or None); resets (B, S) bool. Returns float32 logits (B, S, V), or only the
+        last ``logits_to_keep`` positions when it is > 0, and the state after the last token."""
         ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
-        B, S = ids.shape
+        return self._forward(ids, state, resets, return_state, backend, check_logits_to_keep(logits_to_keep))
+
+    def _forward(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
+                 return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0
+                 ) -> CausalLMOutput:
+        """forward() without the input checks (inputs already validated at the public edge)."""
         backend = backend or self.backend or "auto"
         x = self.backbone.embeddings(ids)
         new_blocks = []
         for idx, blk in enumerate(self.backbone.blocks):
             x, st = blk(x, None if state is None else state.blocks[idx], resets, backend, return_state)
             new_blocks.append(st)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.backbone.out_norm(x)
         logits = self.lm_head(x.to(self.lm_head.weight.dtype)).float()
         logits = soft_cap(logits, self.config.output_logit_soft_cap)

@@ -18,7 +18,7 @@ from ..layers.mlstm import MLSTMBlock, round_up, small_init_
 from ..layers.norm import LayerNorm
 from ..layers.slstm import SLSTMBlock
 from ._config import ConfigDictMixin, is_int, is_num
-from .base import XLSTMModelBase
+from .base import XLSTMModelBase, check_logits_to_keep
 from .output import CausalLMOutput
 from ..layers.state import XLSTMState
 
@@ -228,12 +228,17 @@ class XLSTMLM(XLSTMModelBase):
         return XLSTMState(tuple(blk.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks))
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
-                return_state: bool = True) -> CausalLMOutput:
+                return_state: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids (B, S) int in [0, vocab_size); state from a previous call (or None); resets (B, S) bool,
-        True at t clears the state (cells and conv windows) before token t. Returns float32 logits (B, S, V) and
-        the new state (None when ``return_state`` is False). The given state is never modified."""
+        True at t clears the state (cells and conv windows) before token t. Returns float32 logits (B, S, V) (only
+        the last ``logits_to_keep`` positions when it is > 0: (B, logits_to_keep, V), e.g. 1 for a prefill) and the
+        new state (None when ``return_state`` is False). The given state is never modified."""
         ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
-        B, S = ids.shape
+        return self._forward(ids, state, resets, return_state, check_logits_to_keep(logits_to_keep))
+
+    def _forward(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
+                 return_state: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
+        """forward() without the input checks (inputs already validated at the public edge)."""
         c = self.config
         x = self.token_embedding(ids)
         new_blocks = []
@@ -242,5 +247,7 @@ class XLSTMLM(XLSTMModelBase):
             x, st = blk(x, state=None if state is None else state.blocks[idx], resets=resets, backend=backend,
                         chunk_size=c.chunk_size)
             new_blocks.append(st)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.out_norm(x)).float()
         return CausalLMOutput(logits=logits, state=XLSTMState(tuple(new_blocks)) if return_state else None)

@@ -69,13 +69,14 @@ def _block_v(BH: int, DV: int) -> int:
     return min(bv, max(16, _pow2(DV)))
 
 
-def step_forward(q, k, v, i, f, C, n, m, eps: float):
-    """Kernel launch only (no autograd). Shapes: q, k (B, NH, DQK); v (B, NH, DV); i, f, m (B, NH)."""
+def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None):
+    """Kernel launch only (no autograd). Shapes: q, k (B, NH, DQK); v (B, NH, DV); i, f, m (B, NH).
+    ``C_out``: where to write the new C (may be C itself: see fastxlstm.ops._inplace); a new tensor when None."""
     B, NH, DQK = q.shape
     DV = v.shape[-1]
     BH = B * NH
     h = torch.empty(B, NH, DV, device=q.device, dtype=q.dtype)
-    Co = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32)
+    Co = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32) if C_out is None else C_out
     no = torch.empty(B, NH, DQK, device=q.device, dtype=torch.float32)
     mo = torch.empty(B, NH, device=q.device, dtype=torch.float32)
     BV = _block_v(BH, DV)
@@ -132,6 +133,11 @@ def mlstm_step_triton_impl(q, k, v, i, f, state, eps: float = 1e-6):
     eps = float(eps)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C, n)):
         h, Co, no, mo = _StepFn.apply(q, k, v, i, f, C, n, m, eps)
+        return h, (Co, no, mo)
+    from ..._inplace import inplace_active
+    if inplace_active() and C.dtype == torch.float32 and C.is_contiguous():
+        # the decode engine's static state buffer: the new C overwrites the old one (see ops/_inplace.py)
+        h, Co, no, mo = step_forward(*_contig(q, k, v, i, f), C, *_contig(n, m), eps, C_out=C)
         return h, (Co, no, mo)
     h, Co, no, mo = step_forward(*_contig(q, k, v, i, f, C, n, m), eps)
     return h, (Co, no, mo)

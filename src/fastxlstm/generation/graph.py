@@ -1,0 +1,275 @@
+"""CUDA-graph decoding: one token through every block, the state update and the choice of the next token,
+captured once as a CUDA graph and replayed per token.
+
+An eager decode step of the 7B launches ~1,230 kernels from Python; on an H200 the host then needs ~40 ms per
+token while the GPU works ~6.6 ms. A replayed graph launches them all with one call, so the GPU runs back to back.
+
+What the graph holds (all static buffers, allocated once per batch size and reused by every call):
+
+- ``tok`` (B,) int64: the token fed at this step; the graph overwrites it with the token it chooses;
+- ``state``: the model's recurrent state (fp32), updated in place: the fused mLSTM step kernel writes C over itself
+  (see ``fastxlstm.ops._inplace``), the other (small) tensors are copied back;
+- ``u`` (B,): the uniform numbers of this step's sampling, drawn from the caller's generator before each replay
+  with the same call the eager sampler makes, so a seed gives the same tokens on both paths;
+- ``finished`` (B,) bool: rows that emitted an end-of-sequence token keep emitting the fill token.
+
+Sampling parameters that change shapes or the captured code (greedy or not, top_k, whether top_p is used) are part of
+the cache key; temperature and top_p are device scalars filled per call. Each call loads the prefill state into the
+static buffers and clears ``finished``: nothing leaks between calls. Memory stays flat: no step allocates.
+
+The eager loop in :mod:`fastxlstm.generation.eager` is the reference this path is tested against (greedy tokens are
+identical in float32; see tests/gpu/test_generation_graph_gpu.py).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+from ..layers.state import XLSTMState
+from .sampling import pick_with_uniform
+
+__all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill"]
+
+# how many captured graphs a model keeps (each holds its own static state of B rows)
+_MAX_GRAPHS = 4
+# torch.compile the captured step by default (FASTXLSTM_COMPILE_DECODE=0 turns it off)
+import os as _os  # noqa: E402
+
+_CAPTURE = True
+_COMPILE = _os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
+
+
+def graph_decoding_available(model) -> bool:
+    """True when the CUDA-graph decoder can run this model: parameters on a CUDA device, not float64."""
+    try:
+        p = next(model.parameters())
+    except StopIteration:
+        return False
+    return (p.is_cuda and torch.cuda.is_available() and model.dtype != torch.float64) or not _CAPTURE
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, resets: Optional[torch.Tensor], chunk_len: int = 8192,
+            state: Optional[XLSTMState] = None) -> Tuple[torch.Tensor, XLSTMState]:
+    """Run the prompt (B, S) through the model in chunks of ``chunk_len`` tokens, carrying the state.
+
+    Returns the logits of the last position (B, V) float32 and the state after the prompt. Only the last position
+    gets logits (a 16k-token prompt of a 50k vocabulary would otherwise make 3.3 GB of float32 logits), and the
+    activations of one chunk at a time are alive, so memory is flat in the prompt length. Inputs must be valid
+    (the public entry points check them).
+    """
+    S = ids.shape[1]
+    logits = None
+    for a in range(0, S, chunk_len):
+        b = min(S, a + chunk_len)
+        out = model._forward(ids[:, a:b], state, None if resets is None else resets[:, a:b], True,
+                             logits_to_keep=1)
+        logits, state = out.logits[:, -1], out.state
+        del out
+    return logits, state
+
+
+def _state_tensors(state: XLSTMState) -> List[Optional[torch.Tensor]]:
+    from dataclasses import fields
+    return [getattr(blk, f.name) for blk in state.blocks for f in fields(blk)]
+
+
+def _copy_state_(dst: XLSTMState, src: XLSTMState) -> None:
+    """dst <- src, tensor by tensor; a tensor that already is its destination (an in-place update) is skipped."""
+    for d, s in zip(_state_tensors(dst), _state_tensors(src)):
+        if d is None:
+            continue
+        if s.data_ptr() != d.data_ptr():
+            d.copy_(s)
+
+
+@dataclass(frozen=True)
+class _Key:
+    batch_size: int
+    dtype: torch.dtype
+    sample: bool
+    top_k: Optional[int]
+    use_top_p: bool
+    eos: Optional[Tuple[int, ...]]
+    fill: Optional[int]
+    params: int  # fingerprint of the parameters' storage: a model moved or cast gets new graphs
+    compile: bool
+
+
+class GraphDecoder:
+    """One captured decode step for a fixed batch size and sampling mode. Build through :func:`get_decoder`.
+
+    Usage: ``load(state, first_tokens)`` then, per step, ``step(generator)`` which returns the (B,) tokens chosen
+    (a view of the static buffer: clone it if it must outlive the next step).
+    """
+
+    def __init__(self, model, key: _Key, compile: bool = False):
+        self.model = model
+        self.key = key
+        # torch.compile of the one-token forward fuses the element-wise work between the matmuls (norms, gates,
+        # soft caps, residuals); the graph then replays the fused kernels
+        self._fwd = torch.compile(model._forward, dynamic=False) if compile else model._forward
+        B = key.batch_size
+        dev = model.device
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)
+        self.u = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.temperature = torch.ones((), dtype=torch.float32, device=dev)
+        self.top_p = torch.ones((), dtype=torch.float32, device=dev)
+        self.eos = None if key.eos is None else torch.tensor(key.eos, dtype=torch.long, device=dev)
+        self.state = model.init_state(B, device=dev)
+        # _CAPTURE is False only in the CPU tests, which run the same body eagerly to check the logic around it
+        self.graph = torch.cuda.CUDAGraph() if _CAPTURE else None
+        if self.graph is not None:
+            self._capture()
+
+    def _body(self) -> None:
+        from ..ops._inplace import inplace_state_updates
+        with inplace_state_updates():
+            out = self._fwd(self.tok[:, None], self.state, None, True)
+        logits = out.logits[:, -1]
+        if self.key.sample:
+            nxt = pick_with_uniform(logits, self.u, self.temperature, self.key.top_k,
+                                    self.top_p if self.key.use_top_p else None)
+        else:
+            nxt = logits.argmax(dim=-1)
+        if self.eos is not None:
+            nxt = torch.where(self.finished, torch.full_like(nxt, self.key.fill), nxt)
+            self.finished.logical_or_(torch.isin(nxt, self.eos))
+        self.tok.copy_(nxt)
+        _copy_state_(self.state, out.state)
+
+    def _capture(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), then capture
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._body()
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(self.graph):
+                    self._body()
+        finally:
+            self.model.train(was_training)
+
+    def load(self, state: XLSTMState, first: torch.Tensor, temperature: float = 1.0, top_p=None,
+             finished: Optional[torch.Tensor] = None) -> None:
+        """Start a new sequence batch: the state after the prompt, the first generated tokens (B,) (fed at the
+        next step), the sampling parameters and the rows already finished."""
+        _copy_state_(self.state, state)
+        self.tok.copy_(first)
+        self.temperature.fill_(float(temperature) if temperature else 1.0)
+        self.top_p.fill_(1.0 if top_p is None else float(top_p))
+        if finished is None:
+            self.finished.zero_()
+        else:
+            self.finished.copy_(finished)
+
+    def step(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.key.sample:
+            # the same draw as the eager sampler's (torch.rand(B, generator=...)), written into the static buffer
+            self.u.copy_(torch.rand(self.key.batch_size, generator=generator, device=self.u.device))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    self._body()
+            finally:
+                self.model.train(was_training)
+        return self.tok
+
+    def read_state(self) -> XLSTMState:
+        """A copy of the current state (a value: later steps do not change it)."""
+        return self.state.map(lambda t: t.clone())
+
+
+def _fingerprint(model) -> int:
+    return hash(tuple((p.data_ptr(), p.dtype) for p in model.parameters()))
+
+
+def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_top_p: bool,
+                eos: Optional[List[int]], fill: Optional[int], compile: Optional[bool] = None) -> GraphDecoder:
+    """The cached decoder for this model, batch size and sampling mode (captured on first use; a few are kept,
+    least recently used dropped first)."""
+    cache: "OrderedDict[_Key, GraphDecoder]" = model.__dict__.setdefault("_fastxlstm_graphs", OrderedDict())
+    key = _Key(batch_size, model.dtype, bool(sample), top_k if sample else None, bool(use_top_p and sample),
+               None if eos is None else tuple(eos), fill if eos is not None else None, _fingerprint(model),
+               bool(_COMPILE if compile is None else compile))
+    dec = cache.get(key)
+    if dec is not None:
+        cache.move_to_end(key)
+        return dec
+    stale = [k for k in cache if k.params != key.params]
+    for k in stale:
+        del cache[k]
+    while len(cache) >= _MAX_GRAPHS:
+        cache.popitem(last=False)
+    if (stale or len(cache) == 0) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    dec = GraphDecoder(model, key, compile=key.compile)
+    cache[key] = dec
+    return dec
+
+
+def clear_graphs(model) -> None:
+    """Drop every captured decode graph of ``model`` (and their static buffers)."""
+    model.__dict__.pop("_fastxlstm_graphs", None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def graph_stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
+                 final: Optional[list], sync_every: int) -> Iterator[torch.Tensor]:
+    """The CUDA-graph twin of ``eager._stream``: same arguments, same tokens, same stopping rule.
+
+    ``sync_every``: how often (in steps) the host checks whether every row has finished. 1 checks every step,
+    exactly as the eager loop; larger values let the host run ahead of the GPU, and then up to ``sync_every - 1``
+    steps of fill tokens may follow the point where every row had finished: ``generate`` trims them.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, state = prefill(model, ids, resets)
+    finally:
+        model.train(was_training)
+    if max_new_tokens == 0:
+        if final is not None:
+            final.append(state)
+        return
+    B = ids.shape[0]
+    from .sampling import sample_next_token
+    tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
+    if eos_t is not None:
+        finished = torch.isin(tok, eos_t)
+    if max_new_tokens == 1 or (eos_t is not None and bool(finished.all())):
+        if final is not None:
+            final.append(state)
+        yield tok
+        return
+    dec = get_decoder(model, B, sample, top_k, top_p is not None and top_p < 1, eos, fill)
+    dec.load(state, tok, temperature, top_p, finished)
+    del state
+    yield tok.clone()
+    for step in range(1, max_new_tokens):
+        new = dec.step(generator).clone()  # feeds the previous token, chooses this one
+        done = step == max_new_tokens - 1
+        if not done and eos_t is not None and step % sync_every == 0 and bool(dec.finished.all()):
+            done = True
+        if done and final is not None:
+            final.append(dec.read_state())  # the state after the last fed token (this one is not fed)
+        yield new
+        if done:
+            return

@@ -1,0 +1,131 @@
+"""The CUDA-graph decoder's logic on the CPU: the captured body is run eagerly (``graph._CAPTURE = False``), so
+everything around the graph (static buffers, in-place state copies, eos and fill, stopping, trimming, the final
+state, seeded sampling through the shared uniform draw) is checked against the eager loop here; the real capture
+and replay are checked on the GPU (tests/gpu/test_generation_graph_gpu.py)."""
+import pytest
+import torch
+
+import fastxlstm
+from fastxlstm.generation import graph
+
+
+@pytest.fixture
+def no_capture(monkeypatch):
+    monkeypatch.setattr(graph, "_CAPTURE", False)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    m = fastxlstm.build_model(name).eval()
+    return m
+
+
+@pytest.mark.parametrize("name", ["tiny", "7b-tiny"])
+def test_greedy_equals_eager(no_capture, name):
+    model = _model(name)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    a = model.generate(ids, 17, do_sample=False, use_cuda_graph=False)
+    b = model.generate(ids, 17, do_sample=False, use_cuda_graph=True)
+    assert torch.equal(a, b)
+    s = torch.stack(list(model.generate_stream(ids, 17, do_sample=False, use_cuda_graph=True)), 1)
+    assert torch.equal(s, a[:, 9:])
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.9), dict(temperature=1.3, top_k=5),
+                                dict(temperature=0.7, top_p=0.8), dict(temperature=1.0, top_k=7, top_p=0.9)])
+def test_seeded_sampling_equals_eager(no_capture, kw):
+    model = _model("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (4, 6))
+    a = model.generate(ids, 20, seed=123, use_cuda_graph=False, **kw)
+    b = model.generate(ids, 20, seed=123, use_cuda_graph=True, **kw)
+    assert torch.equal(a, b)
+    c = model.generate(ids, 20, seed=124, use_cuda_graph=True, **kw)
+    assert not torch.equal(b, c)  # the seed matters
+
+
+def test_eos_fill_stop_and_final_state(no_capture):
+    model = _model("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    free = model.generate(ids, 30, do_sample=False, use_cuda_graph=False)
+    # an eos that row 0 emits early; the others may never emit it
+    eos = int(free[0, 5 + 3])
+    for kwargs in (dict(), dict(return_state=True)):
+        a = model.generate(ids, 30, do_sample=False, eos_token_id=eos, pad_token_id=0, use_cuda_graph=False,
+                           **kwargs)
+        b = model.generate(ids, 30, do_sample=False, eos_token_id=eos, pad_token_id=0, use_cuda_graph=True,
+                           **kwargs)
+        if kwargs:
+            (a, sa), (b, sb) = a, b
+            for x, y in zip(graph._state_tensors(sa), graph._state_tensors(sb)):
+                if x is not None:
+                    torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert torch.equal(a, b)
+    # every row emits eos at once -> generation stops after one token on both paths
+    first = model.generate(ids, 1, do_sample=False, use_cuda_graph=False)[:, -1]
+    for use in (False, True):
+        out = model.generate(ids, 10, do_sample=False, eos_token_id=first.tolist(), use_cuda_graph=use)
+        assert out.shape[1] <= 5 + 10
+    a = model.generate(ids, 10, do_sample=False, eos_token_id=first.tolist(), use_cuda_graph=False)
+    b = model.generate(ids, 10, do_sample=False, eos_token_id=first.tolist(), use_cuda_graph=True)
+    assert torch.equal(a, b)
+
+
+def test_left_padding_and_no_leak_between_calls(no_capture):
+    model = _model("tiny")
+    V = model.config.vocab_size
+    p1 = torch.randint(1, V, (1, 7))
+    p2 = torch.randint(1, V, (1, 4))
+    batch = torch.cat([p1, torch.cat([torch.zeros(1, 3, dtype=torch.long), p2], 1)], 0)
+    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
+    a = model.generate(batch, 12, do_sample=False, attention_mask=mask, use_cuda_graph=False)
+    b = model.generate(batch, 12, do_sample=False, attention_mask=mask, use_cuda_graph=True)
+    assert torch.equal(a, b)
+    # the cached decoder is reused: a second call with other prompts gives what a fresh eager call gives
+    c = model.generate(batch.flip(0), 12, do_sample=False, attention_mask=mask.flip(0), use_cuda_graph=True)
+    d = model.generate(batch.flip(0), 12, do_sample=False, attention_mask=mask.flip(0), use_cuda_graph=False)
+    assert torch.equal(c, d)
+    assert len(model.__dict__["_fastxlstm_graphs"]) == 1
+    graph.clear_graphs(model)
+    assert "_fastxlstm_graphs" not in model.__dict__
+
+
+def test_graph_cache_is_bounded_and_keyed(no_capture):
+    model = _model("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    for B in (1, 2, 3, 4, 5, 6):
+        model.generate(ids.expand(B, 3), 2, do_sample=False, use_cuda_graph=True)
+    assert len(model.__dict__["_fastxlstm_graphs"]) == graph._MAX_GRAPHS
+
+
+def test_use_cuda_graph_errors():
+    model = _model("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        model.generate(ids, 2, use_cuda_graph=True)
+    with pytest.raises(ValueError, match="use_cuda_graph must be"):
+        model.generate(ids, 2, use_cuda_graph="yes")
+
+
+def test_chunked_prefill_matches_one_pass():
+    model = _model("7b-tiny")
+    ids = torch.randint(0, model.config.vocab_size, (2, 50))
+    full = model(ids)
+    logits, state = graph.prefill(model, ids, None, chunk_len=16)
+    ref = full.logits[:, -1]
+    assert (logits - ref).norm() / ref.norm() < 1e-5
+    for x, y in zip(graph._state_tensors(full.state), graph._state_tensors(state)):
+        if x is not None:
+            assert (x - y).norm() <= 1e-5 * x.norm() + 1e-12
+
+
+def test_compiled_decode_step_equals_eager(no_capture):
+    """The optional torch.compile of the captured step (FASTXLSTM_COMPILE_DECODE=1) chooses the same tokens."""
+    model = _model("7b-tiny")
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    a = model.generate(ids, 12, do_sample=False, use_cuda_graph=False)
+    dec = graph.get_decoder(model, 2, False, None, False, None, None, compile=True)
+    assert dec.key.compile
+    logits, st = graph.prefill(model, ids, None)
+    dec.load(st, logits.argmax(-1))
+    toks = [logits.argmax(-1)] + [dec.step().clone() for _ in range(11)]
+    assert torch.equal(torch.stack(toks, 1), a[:, 5:])
