@@ -216,7 +216,15 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
         cache.popitem(last=False)
     if (stale or len(cache) == 0) and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    dec = GraphDecoder(model, key, compile=key.compile)
+    try:
+        dec = GraphDecoder(model, key, compile=key.compile)
+    except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop generation
+        if not key.compile:
+            raise
+        import warnings
+        warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                      "capturing the uncompiled step instead")
+        dec = GraphDecoder(model, key, compile=False)
     cache[key] = dec
     return dec
 

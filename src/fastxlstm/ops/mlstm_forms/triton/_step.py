@@ -31,7 +31,8 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, C_ptr, n_ptr, m_ptr, h_ptr, 
     for k0 in range(0, DQK, BK):
         dk = k0 + tl.arange(0, BK)
         mk = dk < DQK
-        qq = tl.load(q_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32) * scale
+        # the cast keeps the loop-carried sums fp32 when torch.compile (Inductor) passes ``scale`` as an fp64 scalar
+        qq = (tl.load(q_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32) * scale).to(tl.float32)
         kk = tl.load(k_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32)
         nn = tl.load(n_ptr + bh * DQK + dk, mask=mk, other=0.0).to(tl.float32)
         n_new = fp * nn + ip * kk
