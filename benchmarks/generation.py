@@ -277,6 +277,30 @@ def profile_step(model, B=1, steps=5):
     return out
 
 
+def gemv_shapes(shapes=((2048, 4096), (4096, 4096), (10944, 4096), (4096, 10944), (50304, 4096), (8, 4096))):
+    """Batch-1 decode matrix-vector products of the 7B: cuBLAS (F.linear) against our Triton GEMV, GB/s of the
+    weight read, with the relative error of each against float64."""
+    import torch
+    from fastxlstm.generation._gemv import gemv
+    out = {}
+    for N, K in shapes:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        ref = (x.double() @ w.double().t())
+        row = {}
+        for name, fn in (("cublas", lambda: torch.nn.functional.linear(x, w)), ("triton_gemv", lambda: gemv(x, w))):
+            y = fn()
+            err = float((y.double() - ref).norm() / ref.norm())
+            fn()
+            _sync()
+            t, _ = _timed(lambda: [fn() for _ in range(200)])
+            row[name] = {"us": t / 200 * 1e6, "GB_per_s": N * K * 2 / (t / 200) / 1e9, "rel_err": err}
+        out[f"{N}x{K}"] = row
+        print(f"    {N}x{K}: " + ", ".join(f"{k} {v['us']:.1f} us {v['GB_per_s']:.0f} GB/s err {v['rel_err']:.1e}"
+                                           for k, v in row.items()), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 def main_bench(args):
@@ -287,7 +311,8 @@ def main_bench(args):
     res = {"meta": {"gpu": torch.cuda.get_device_name(), "versions": versions(),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "preset": args.preset, "dtype": "bf16", "prompt": 32, "new_tokens": args.new,
-                    "compile_decode": os.environ.get("FASTXLSTM_COMPILE_DECODE", "0")},
+                    "compile_decode": os.environ.get("FASTXLSTM_COMPILE_DECODE", "0"),
+                    "triton_gemv": os.environ.get("FASTXLSTM_GEMV", "0")},
            "systems": {}}
     res["meta"]["copy_bytes_per_s"] = copy_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
@@ -309,6 +334,12 @@ def main_bench(args):
     res["floor"] = {str(B): {"ms_per_step": (nparam_bytes + 2 * B * state_bytes) / bw * 1e3,
                              "tokens_per_s": B / ((nparam_bytes + 2 * B * state_bytes) / bw)} for B in batches}
 
+    if args.gemv_shapes:
+        print("GEMV shapes (batch-1 decode)", flush=True)
+        try:
+            res["gemv_shapes"] = gemv_shapes()
+        except Exception as e:  # noqa: BLE001
+            res["gemv_shapes"] = f"error: {type(e).__name__}: {str(e)[:300]}"
     print("check: graph vs eager", flush=True)
     try:
         res["check"] = check_graph_vs_eager(model)
@@ -439,17 +470,18 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {name: f"C{i}" for i, name in enumerate(res["systems"])}
     for name, sysr in res["systems"].items():
         if not isinstance(sysr, dict):
             continue
         th = {int(b): _tps(v) for b, v in sysr.get("throughput", {}).items() if _tps(v)}
         if th:
             bs = sorted(th)
-            a1.plot(bs, [th[b] for b in bs], "o-", label=name)
+            a1.plot(bs, [th[b] for b in bs], "o-", label=name, color=colors[name])
         ctx = {int(L): v["ms_per_token"] for L, v in sysr.get("per_token_vs_context", {}).items() if isinstance(v, dict)}
         if ctx:
             ls = sorted(ctx)
-            a2.plot(ls, [ctx[L] for L in ls], "o-", label=name)
+            a2.plot(ls, [ctx[L] for L in ls], "o-", label=name, color=colors[name])
     fl = res.get("floor", {})
     if fl:
         bs = sorted(int(b) for b in fl)
@@ -484,6 +516,7 @@ def main():
     ap.add_argument("--skip-official", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--gemv-shapes", action="store_true", help="also time cuBLAS vs our batch-1 Triton GEMV")
     args = ap.parse_args()
     if args.plot:
         with open(args.plot) as fh:

@@ -22,6 +22,7 @@ identical in float32; see tests/gpu/test_generation_graph_gpu.py).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -148,14 +149,18 @@ class GraphDecoder:
         try:
             with torch.no_grad():
                 # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), then capture
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
+                from ._gemv import gemv_enabled, skinny_linears
+                gemv = skinny_linears(self.model) if (self.key.batch_size == 1 and gemv_enabled()) \
+                    else contextlib.nullcontext()
+                with gemv:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            self._body()
+                    torch.cuda.current_stream().wait_stream(side)
+                    with torch.cuda.graph(self.graph):
                         self._body()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(self.graph):
-                    self._body()
         finally:
             self.model.train(was_training)
 
