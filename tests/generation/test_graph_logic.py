@@ -129,3 +129,21 @@ def test_compiled_decode_step_equals_eager(no_capture):
     dec.load(st, logits.argmax(-1))
     toks = [logits.argmax(-1)] + [dec.step().clone() for _ in range(11)]
     assert torch.equal(torch.stack(toks, 1), a[:, 5:])
+
+
+def test_logits_mode_matches_forward(no_capture):
+    """Logits mode (used by the server): the static state advances exactly as model(token, state)."""
+    model = _model("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (3, 6))
+    logits, st = graph.prefill(model, ids, None)
+    dec = graph.get_decoder(model, 3, None, None, False, None, None)
+    dec.load(st, torch.zeros(3, dtype=torch.long))
+    ref_state = st
+    for t in range(4):
+        tok = torch.randint(0, model.config.vocab_size, (3,))
+        ref = model(tok[:, None], state=ref_state)
+        ref_state = ref.state
+        got = dec.step_logits(tok)
+        assert (got - ref.logits[:, -1]).norm() <= 1e-5 * ref.logits.norm()
+    with pytest.raises(ValueError, match="logits mode"):
+        graph.get_decoder(model, 3, False, None, False, None, None).step_logits(tok)

@@ -91,7 +91,7 @@ def _copy_state_(dst: XLSTMState, src: XLSTMState) -> None:
 class _Key:
     batch_size: int
     dtype: torch.dtype
-    sample: bool
+    sample: Optional[bool]  # None: logits mode (no token choice inside the graph)
     top_k: Optional[int]
     use_top_p: bool
     eos: Optional[Tuple[int, ...]]
@@ -122,6 +122,8 @@ class GraphDecoder:
         self.top_p = torch.ones((), dtype=torch.float32, device=dev)
         self.eos = None if key.eos is None else torch.tensor(key.eos, dtype=torch.long, device=dev)
         self.state = model.init_state(B, device=dev)
+        self.logits = (torch.zeros(B, model.vocab_size, dtype=torch.float32, device=dev)
+                       if key.sample is None else None)
         # _CAPTURE is False only in the CPU tests, which run the same body eagerly to check the logic around it
         self.graph = torch.cuda.CUDAGraph() if _CAPTURE else None
         if self.graph is not None:
@@ -132,6 +134,10 @@ class GraphDecoder:
         with inplace_state_updates():
             out = self._fwd(self.tok[:, None], self.state, None, True)
         logits = out.logits[:, -1]
+        if self.key.sample is None:  # logits mode (the server samples per request on the host side)
+            self.logits.copy_(logits)
+            _copy_state_(self.state, out.state)
+            return
         if self.key.sample:
             nxt = pick_with_uniform(logits, self.u, self.temperature, self.key.top_k,
                                     self.top_p if self.key.use_top_p else None)
@@ -177,6 +183,15 @@ class GraphDecoder:
         else:
             self.finished.copy_(finished)
 
+    def step_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits mode: feed ``tokens`` (B,) on the static state and return the (B, V) logits of this step (the
+        static buffer: read or copy it before the next step)."""
+        if self.key.sample is not None:
+            raise ValueError("step_logits needs a decoder built with sample=None (logits mode)")
+        self.tok.copy_(tokens.reshape(-1))
+        self.step()
+        return self.logits
+
     def step(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.key.sample:
             # the same draw as the eager sampler's (torch.rand(B, generator=...)), written into the static buffer
@@ -207,7 +222,8 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
     """The cached decoder for this model, batch size and sampling mode (captured on first use; a few are kept,
     least recently used dropped first)."""
     cache: "OrderedDict[_Key, GraphDecoder]" = model.__dict__.setdefault("_fastxlstm_graphs", OrderedDict())
-    key = _Key(batch_size, model.dtype, bool(sample), top_k if sample else None, bool(use_top_p and sample),
+    key = _Key(batch_size, model.dtype, None if sample is None else bool(sample), top_k if sample else None,
+               bool(use_top_p and sample),
                None if eos is None else tuple(eos), fill if eos is not None else None, _fingerprint(model),
                bool(_COMPILE if compile is None else compile))
     dec = cache.get(key)
