@@ -79,6 +79,7 @@ class _Sampling(BaseModel):
     presence_penalty: Optional[float] = Field(0.0, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(0.0, ge=-2, le=2)
     user: Optional[str] = None
+    return_token_ids: Optional[bool] = Field(False, description="extension: also return the generated token ids")
 
 
 class CompletionRequest(_Sampling):
@@ -236,13 +237,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
                 return
 
     async def run_to_end(request: Request, handle, text: StopTextStream):
-        """Collect a whole reply: (text, finish_reason, completion tokens)."""
+        """Collect a whole reply: (text, finish_reason, generated token ids)."""
         watcher = asyncio.create_task(watch_disconnect(request, handle))
-        n, finish = 0, None
+        ids, finish = [], None
         try:
             async for kind, val in handle:
                 if kind in ("token", "eos"):
-                    n += 1
+                    ids.append(val)
                     if kind == "token" and text.push(val)[1]:
                         finish = "stop"
                         break
@@ -254,25 +255,36 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
         finally:
             watcher.cancel()
             handle.abort()
-        return text.text, finish, n
+        return text.text, finish, ids
 
     def sse(obj) -> str:
         import json
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def stream_events(handle, text: StopTextStream, make_chunk, n_prompt: int, include_usage: bool,
-                            head: Optional[dict] = None):
-        n, finish = 0, None
+                            head: Optional[dict] = None, with_ids: bool = False):
+        """Server-sent events of one reply; with_ids: each chunk also carries the token ids consumed since the
+        previous chunk (so their concatenation is the whole reply's ids)."""
+        n, finish, pending = 0, None, []
+
+        def chunk(piece, fin):
+            nonlocal pending
+            c = make_chunk(piece, fin)
+            if with_ids:
+                c["choices"][0]["token_ids"], pending = pending, []
+            return sse(c)
+
         try:
             if head is not None:
                 yield sse(head)
             async for kind, val in handle:
                 if kind in ("token", "eos"):
                     n += 1
+                    pending.append(val)
                     if kind == "token":
                         piece, stopped = text.push(val)
                         if piece:
-                            yield sse(make_chunk(piece, None))
+                            yield chunk(piece, None)
                         if stopped:
                             finish = "stop"
                             break
@@ -280,11 +292,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
                     finish = val
                     tail = text.finish()
                     if tail:
-                        yield sse(make_chunk(tail, None))
+                        yield chunk(tail, None)
                 elif kind == "error":
                     yield sse(_status_error(*val).body())
                     return
-            yield sse(make_chunk(None, finish))
+            yield chunk(None, finish)
             if include_usage:
                 yield sse(make_chunk(None, None, usage(n_prompt, n)))
             yield "data: [DONE]\n\n"
@@ -336,12 +348,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
 
         if req.stream:
             inc = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(handle, text, chunk, len(ids), inc),
+            return StreamingResponse(stream_events(handle, text, chunk, len(ids), inc,
+                                                   with_ids=bool(req.return_token_ids)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        out, finish, n = await run_to_end(request, handle, text)
+        out, finish, out_ids = await run_to_end(request, handle, text)
+        choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": finish}
+        if req.return_token_ids:
+            choice["token_ids"] = out_ids
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(ids), n)}
+                "choices": [choice], "usage": usage(len(ids), len(out_ids))}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -380,12 +395,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
 
         if req.stream:
             inc = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(handle, text, chunk, len(ids), inc, chunk("", None, role=True)),
+            return StreamingResponse(stream_events(handle, text, chunk, len(ids), inc, chunk("", None, role=True),
+                                                   with_ids=bool(req.return_token_ids)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        out, finish, n = await run_to_end(request, handle, text)
+        out, finish, out_ids = await run_to_end(request, handle, text)
+        choice = {"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
+                  "finish_reason": finish}
+        if req.return_token_ids:
+            choice["token_ids"] = out_ids
+            choice["prompt_token_ids"] = ids
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
-                             "finish_reason": finish}],
-                "usage": usage(len(ids), n)}
+                "choices": [choice], "usage": usage(len(ids), len(out_ids))}
 
     return app

@@ -5,8 +5,9 @@ Every iteration of the model thread:
 1. takes in new requests and aborts (a disconnected client, a stop sequence seen by the HTTP side) and ends
    requests past their deadline; a freed slot is reusable in the same iteration;
 2. gives free slots to waiting requests (first come, first served), looking up the prefix cache;
-3. runs at most ``prefill_chunk`` prompt tokens of prefill (long prompts go in chunks over several iterations;
-   requests whose next chunks have the same length are prefilled together as one batch);
+3. runs at most ``prefill_budget`` prompt tokens of prefill, at most ``prefill_chunk`` per request (long prompts
+   go in chunks over several iterations; requests whose next chunks have the same length are prefilled together
+   as one batch);
 4. runs ONE decode step for every request that has finished its prefill: ``step(tokens (B, 1), state)`` on the
    pool rows of those requests (the whole pool without a copy when every slot decodes), then samples each row
    with its own parameters and its own seeded generator.
@@ -134,15 +135,19 @@ class Engine:
         backend: a :class:`~fastxlstm.serve.backend.DecodeBackend` (e.g. ``EagerBackend(model)``).
         max_batch: state slots = most sequences decoded together.
         max_queue: most requests waiting for a slot; beyond, ``submit`` raises :class:`QueueFull`.
-        prefill_chunk: most prompt tokens prefilled per iteration (a longer prompt takes several iterations).
+        prefill_chunk: most prompt tokens of one request prefilled per iteration (a longer prompt takes several).
+        prefill_budget: most prompt tokens prefilled per iteration over all requests (default: prefill_chunk):
+            bounds how long the running requests wait for their next token when new requests arrive.
         prefix_cache_bytes: size bound of the prefix-state cache (0: off).
         request_timeout: seconds from submission after which a request is ended with an error.
     """
 
     def __init__(self, backend: DecodeBackend, max_batch: int = 64, max_queue: int = 256,
-                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, request_timeout: float = 600.0):
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, request_timeout: float = 600.0,
+                 prefill_budget: Optional[int] = None):
+        prefill_budget = prefill_chunk if prefill_budget is None else prefill_budget
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                            ("prefill_chunk", prefill_chunk, 1)):
+                            ("prefill_chunk", prefill_chunk, 1), ("prefill_budget", prefill_budget, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not request_timeout > 0:
@@ -151,6 +156,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
         self.request_timeout = float(request_timeout)
         self.cache = PrefixCache(prefix_cache_bytes)
         self.pool = StatePool(max_batch)
@@ -347,7 +353,7 @@ class Engine:
         return min(req.pos + self.prefill_chunk, stop)
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         plan: List[Tuple[_Request, int]] = []
         for req in self._running:
             if req.phase != "prefill":

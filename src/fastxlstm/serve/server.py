@@ -28,7 +28,7 @@ def eos_ids(model, tokenizer, chat_cfg: dict) -> List[int]:
 def build_app(model, tokenizer, model_name: str, *, model_dirs: Sequence[str] = (), max_batch: int = 64,
               max_queue: int = 256, prefill_chunk: int = 512, prefix_cache_mb: float = 1024.0,
               request_timeout: float = 600.0, max_tokens: int = 2048, max_prompt_tokens: int = 8192,
-              api_key: Optional[str] = None, backend=None):
+              api_key: Optional[str] = None, backend=None, prefill_budget: Optional[int] = None):
     """The FastAPI app serving ``model`` (any fastxlstm model, already on its device and dtype).
 
     model_dirs: where to look for chat_template.jinja / tokenizer_config.json (chat template, eos token);
@@ -43,7 +43,7 @@ def build_app(model, tokenizer, model_name: str, *, model_dirs: Sequence[str] = 
     template = ChatTemplate(cfg["chat_template"], cfg["bos_token"], cfg["eos_token"])
     engine = Engine(backend or EagerBackend(model), max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=int(prefix_cache_mb * 2**20),
-                    request_timeout=request_timeout)
+                    request_timeout=request_timeout, prefill_budget=prefill_budget)
     return create_app(engine, tokenizer, model_name, chat_template=template,
                       eos_token_ids=eos_ids(model, tokenizer, cfg), max_tokens=max_tokens,
                       max_prompt_tokens=max_prompt_tokens, api_key=api_key)
