@@ -379,7 +379,10 @@ class Engine:
                 logits, new_state = self.backend.prefill(ids, state)
                 self.counters["prefill_calls"] += 1
                 rows = split_state(new_state)
-                first = self._sample(reqs, logits)
+                # the first new token, for the requests whose prompt ends with this chunk (an intermediate chunk
+                # must not draw from the request's generator)
+                done = [i for i, (r, end) in enumerate(items) if end == len(r.prompt)]
+                first = dict(zip(done, self._sample([reqs[i] for i in done], logits[done]))) if done else {}
             except Exception as e:
                 self._fail(reqs, e)
                 continue
