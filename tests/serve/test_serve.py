@@ -176,8 +176,14 @@ def test_32_concurrent_greedy_equal_alone_and_generate(server, loaded):
                     return r.choices[0].token_ids
             return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lens)))
 
+    st0 = health(server)
     together = asyncio.run(run(32))   # 8 slots, 24 queued: requests join as others leave
+    st1 = health(server)
     alone = asyncio.run(run(1))
+    st2 = health(server)
+    # both decode paths ran: the whole pool (>= 1/3 of the slots decoding) and gathered rows (one request alone)
+    assert st1["decode_steps"] - st0["decode_steps"] > st1["gathered_steps"] - st0["gathered_steps"]
+    assert st2["gathered_steps"] - st1["gathered_steps"] == st2["decode_steps"] - st1["decode_steps"] > 0
     refs = [ref_tokens(model, tok.encode(p), n) for p, n in zip(prompts, lens)]
     assert together == alone == refs
     h = health(server)

@@ -9,7 +9,8 @@ Every iteration of the model thread:
    go in chunks over several iterations; requests whose next chunks have the same length are prefilled together
    as one batch);
 4. runs ONE decode step for every request that has finished its prefill: ``step(tokens (B, 1), state)`` on the
-   pool rows of those requests (the whole pool without a copy when every slot decodes), then samples each row
+   whole pool (B = max_batch, no copy; idle rows compute garbage that is never read) when at least a third of
+   the slots decode, else on the gathered rows of those requests (copied back after); then samples each row
    with its own parameters and its own seeded generator.
 
 So a new request joins the running batch as soon as its prompt is read, a finished one leaves at once, and a long
@@ -174,7 +175,8 @@ class Engine:
         self._seed_rng = random.Random()
         self.dead: Optional[str] = None
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "timeouts": 0, "rejected": 0, "errors": 0,
-                         "generated_tokens": 0, "prompt_tokens": 0, "decode_steps": 0, "prefill_calls": 0}
+                         "generated_tokens": 0, "prompt_tokens": 0, "decode_steps": 0, "gathered_steps": 0,
+                         "prefill_calls": 0}
 
     # ------------------------------------------------------------------------------------------------------
     # life cycle
@@ -404,9 +406,23 @@ class Engine:
             return
         try:
             slots = [r.slot for r in rows]
-            toks = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.backend.device)
-            logits, state = self.backend.step(toks, self.pool.gather(slots))
-            self.pool.scatter(slots, state)
+            dev = self.backend.device
+            if 3 * len(rows) >= self.max_batch:
+                # step the whole pool (idle rows get token 0 and their outputs are ignored): gathering and
+                # scattering the active rows would move each of their states 4 more times, dearer than stepping
+                # the idle rows when at least a third of the slots decode. The shape stays (max_batch, 1).
+                feed = [0] * self.max_batch
+                for r in rows:
+                    feed[r.slot] = r.next_token
+                logits, state = self.backend.step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None],
+                                                  self.pool.state)
+                self.pool.state = state  # the rows of prefilling requests are rewritten when their prefill ends
+                logits = logits[torch.tensor(slots, device=dev)]
+            else:
+                toks = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=dev)
+                logits, state = self.backend.step(toks, self.pool.gather(slots))
+                self.pool.scatter(slots, state)
+                self.counters["gathered_steps"] += 1
             nxt = self._sample(rows, logits)
         except Exception as e:
             self._fail(rows, e)
