@@ -295,6 +295,12 @@ def test_disconnect_frees_slot_queue_full_429_api_key(loaded):
         h = wait_for(lambda: (lambda h: h if h["slots_in_use"] == 0 and h["inflight"] == 0 else None)(health(srv)),
                      "the slot to be freed")
         assert h["aborted"] == 2 and h["rejected"] == 1 and h["status"] == "ok"
+        # a non-streaming client that gives up is noticed too
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "c", "max_tokens": 100_000},
+                       headers={"Authorization": "Bearer sekret"}, timeout=0.5)
+        h = wait_for(lambda: (lambda h: h if h["inflight"] == 0 else None)(health(srv)), "the slot to be freed")
+        assert h["aborted"] == 3 and h["slots_in_use"] == 0
         r = c.completions.create(model=MODEL, prompt="b", max_tokens=2)
         assert r.usage.completion_tokens == 2
 

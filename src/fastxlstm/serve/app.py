@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -169,14 +169,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
             msg = f"no such endpoint: {request.method} {request.url.path}"
         return _status_error(exc.status_code, msg).response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+    async def auth(request: Request):
+        # a route dependency, not an HTTP middleware (which would relay every streamed chunk through a queue)
+        if api_key is not None:
+            import hmac
             got = request.headers.get("authorization", "")
-            if got != f"Bearer {api_key}":
-                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                               "authentication_error", code="invalid_api_key")
+
+    v1 = [Depends(auth)]
 
     # ---------------------------------------------------------------------------------------------------
 
@@ -310,12 +312,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
         st = engine.stats()
         return {"status": "ok" if engine.dead is None else "dead", "model": model_name, **st}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "fastxlstm"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(req: CompletionRequest, request: Request):
         stops = check_common(req)
         if req.echo:
@@ -358,7 +360,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [choice], "usage": usage(len(ids), len(out_ids))}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(req: ChatRequest, request: Request):
         stops = check_common(req) + list(template.stop)
         if req.logprobs or req.top_logprobs:
