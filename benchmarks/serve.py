@@ -14,7 +14,8 @@ Everything runs in this one process, with random weights (``build_model(preset)`
 3. server: the FastAPI app under uvicorn on 127.0.0.1 (a thread of this process) and N streaming clients
    (the official ``openai`` client, ``AsyncOpenAI``, in this process's main thread), each sending ``--rounds``
    requests one after the other. Aggregate tokens/s = all completion tokens / wall time from the first request
-   to the last answer; TTFT = request start -> first token chunk; ITL = gaps between a stream's token chunks.
+   to the last answer; TTFT = request start -> first token chunk; ITL = gaps between a stream's token chunks,
+   divided by the tokens in the chunk (a stream that falls behind receives several tokens in one chunk).
    The clients share the process (and its GIL) with the server, which makes this a pessimistic measurement.
 
 Prompts are random token ids sent as id lists; the tokenizer is a word-level one with one word per id (so each
@@ -104,7 +105,7 @@ def server_run(app, prompts, T, rounds, name):
     import openai
     from fastxlstm.serve.server import ServerThread
 
-    ttft, itl, totals, errors = [], [], [], []
+    ttft, itl, totals, errors, chunks = [], [], [], [], []
 
     async def client(ac, i):
         for r in range(rounds):
@@ -113,14 +114,18 @@ def server_run(app, prompts, T, rounds, name):
             last, n = None, 0
             try:
                 s = await ac.completions.create(model=name, prompt=p, max_tokens=T, temperature=0, stream=True,
-                                                stream_options={"include_usage": True})
+                                                stream_options={"include_usage": True},
+                                                extra_body={"return_token_ids": True})
                 async for ch in s:
-                    if ch.choices and ch.choices[0].text:
+                    k = len((ch.choices[0].model_extra or {}).get("token_ids") or []) if ch.choices else 0
+                    if k:
                         now = time.perf_counter()
                         if last is None:
                             ttft.append(now - t0)
                         else:
-                            itl.append(now - last)
+                            # a stream that fell behind gets several tokens in one chunk: spread the gap
+                            itl.extend([(now - last) / k] * k)
+                            chunks.append(k)
                         last = now
                     if ch.usage is not None:
                         n = ch.usage.completion_tokens
@@ -134,7 +139,7 @@ def server_run(app, prompts, T, rounds, name):
             r = await ac.completions.create(model=name, prompt=prompts[0], max_tokens=T, temperature=0,
                                             extra_body={"return_token_ids": True})
             first = r.choices[0].model_extra.get("token_ids")
-            ttft.clear(), itl.clear(), totals.clear()
+            ttft.clear(), itl.clear(), totals.clear(), chunks.clear()
             t0 = time.perf_counter()
             await asyncio.gather(*(client(ac, i) for i in range(n_clients)))
             return time.perf_counter() - t0, first
@@ -148,6 +153,7 @@ def server_run(app, prompts, T, rounds, name):
         "tokens_per_s": sum(totals) / wall, "errors": len(errors), "error_samples": errors[:3],
         "ttft_ms": {"p50": ms(pct(ttft, 50)), "p90": ms(pct(ttft, 90)), "p99": ms(pct(ttft, 99))},
         "itl_ms": {"p50": ms(pct(itl, 50)), "p90": ms(pct(itl, 90)), "p99": ms(pct(itl, 99))},
+        "tokens_per_chunk_mean": (sum(chunks) / len(chunks)) if chunks else None,
         "decode_steps": health["decode_steps"], "prefill_calls": health["prefill_calls"],
     }, first, (ttft, itl)
 

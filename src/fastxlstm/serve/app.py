@@ -279,25 +279,32 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, chat_template: Opt
         try:
             if head is not None:
                 yield sse(head)
-            async for kind, val in handle:
-                if kind in ("token", "eos"):
-                    n += 1
-                    pending.append(val)
-                    if kind == "token":
-                        piece, stopped = text.push(val)
-                        if piece:
-                            yield chunk(piece, None)
-                        if stopped:
-                            finish = "stop"
-                            break
-                elif kind == "finish":
-                    finish = val
-                    tail = text.finish()
-                    if tail:
-                        yield chunk(tail, None)
-                elif kind == "error":
-                    yield sse(_status_error(*val).body())
-                    return
+            done = False
+            while not done:
+                events = await handle.next_events()
+                if not events:
+                    break
+                pieces = []
+                for kind, val in events:
+                    if kind in ("token", "eos"):
+                        n += 1
+                        pending.append(val)
+                        if kind == "token":
+                            piece, stopped = text.push(val)
+                            pieces.append(piece)
+                            if stopped:
+                                finish, done = "stop", True
+                                break
+                    elif kind == "finish":
+                        finish, done = val, True
+                        pieces.append(text.finish())
+                    elif kind == "error":
+                        if "".join(pieces):
+                            yield chunk("".join(pieces), None)
+                        yield sse(_status_error(*val).body())
+                        return
+                if "".join(pieces):
+                    yield chunk("".join(pieces), None)
             yield chunk(None, finish)
             if include_usage:
                 yield sse(make_chunk(None, None, usage(n_prompt, n)))

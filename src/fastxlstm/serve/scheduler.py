@@ -89,6 +89,7 @@ class RequestHandle:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self._ended = False
 
     def abort(self) -> None:
         """Free the request's slot at the next iteration of the model thread (idempotent)."""
@@ -100,12 +101,22 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> Event:
-        ev = await self.queue.get()
-        if ev is None:
+        if self._ended:
             raise StopAsyncIteration
-        if ev[0] in ("finish", "error"):
-            self.queue.put_nowait(None)  # the next __anext__ ends the iteration
+        ev = await self.queue.get()
+        self._ended = ev[0] in ("finish", "error")
         return ev
+
+    async def next_events(self) -> List[Event]:
+        """The next event and all others already delivered (a stream that fell behind catches up in one write);
+        [] after the last."""
+        if self._ended:
+            return []
+        out = [await self.queue.get()]
+        while out[-1][0] not in ("finish", "error") and not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        self._ended = out[-1][0] in ("finish", "error")
+        return out
 
 
 class _Request:
