@@ -12,11 +12,11 @@ Everything runs in this one process, with random weights (``build_model(preset)`
    (with max_new_tokens T and 1) so that the decode-only rate is N (T - 1) / (t_T - t_1) tokens/s;
 2. engine: the server's scheduler (:class:`fastxlstm.serve.Engine`) driven directly, no HTTP: N requests at once;
 3. server: the FastAPI app under uvicorn on 127.0.0.1 (a thread of this process) and N streaming clients
-   (the official ``openai`` client, ``AsyncOpenAI``, in this process's main thread), each sending ``--rounds``
-   requests one after the other. Aggregate tokens/s = all completion tokens / wall time from the first request
+   (the official ``openai`` client, ``AsyncOpenAI``, in a child process, so that they do not share the server's
+   GIL; ``--clients-in-process`` runs them in this process), each sending ``--rounds`` requests one after the
+   other. Aggregate tokens/s = all completion tokens / wall time from the first request
    to the last answer; TTFT = request start -> first token chunk; ITL = gaps between a stream's token chunks,
    divided by the tokens in the chunk (a stream that falls behind receives several tokens in one chunk).
-   The clients share the process (and its GIL) with the server, which makes this a pessimistic measurement.
 
 Prompts are random token ids sent as id lists; the tokenizer is a word-level one with one word per id (so each
 streamed chunk is one token). No eos: every request produces exactly --max-tokens tokens. Correctness in the same
@@ -101,10 +101,9 @@ def engine_direct(model, prompts, T, max_batch, prefill_chunk):
     return {"tokens_per_s": tps, "decode_steps": st["decode_steps"], "prefill_calls": st["prefill_calls"]}
 
 
-def server_run(app, prompts, T, rounds, name):
+def load_clients(url, name, prompts, T, rounds):
+    """N = len(prompts) streaming clients, each sending ``rounds`` requests one after the other."""
     import openai
-    from fastxlstm.serve.server import ServerThread
-
     ttft, itl, totals, errors, chunks = [], [], [], [], []
 
     async def client(ac, i):
@@ -133,28 +132,57 @@ def server_run(app, prompts, T, rounds, name):
                 errors.append(repr(e))
             totals.append(n)
 
-    async def main(url, n_clients):
+    async def run():
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600) as ac:
-            # warm-up request (and the correctness sample)
-            r = await ac.completions.create(model=name, prompt=prompts[0], max_tokens=T, temperature=0,
-                                            extra_body={"return_token_ids": True})
-            first = r.choices[0].model_extra.get("token_ids")
-            ttft.clear(), itl.clear(), totals.clear(), chunks.clear()
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(ac, i) for i in range(n_clients)))
-            return time.perf_counter() - t0, first
+            await asyncio.gather(*(client(ac, i) for i in range(len(prompts))))
+            return time.perf_counter() - t0
+
+    wall = asyncio.run(run())
+    return {"wall": wall, "ttft": ttft, "itl": itl, "totals": totals, "errors": errors, "chunks": chunks}
+
+
+def _client_child(conn, *args):
+    conn.send(load_clients(*args))
+    conn.close()
+
+
+def server_run(app, prompts, T, rounds, name, clients_in_process=False):
+    import openai
+    from fastxlstm.serve.server import ServerThread
 
     with ServerThread(app) as srv:
-        wall, first = asyncio.run(main(srv.url, len(prompts)))
+        # warm-up request, and the correctness sample
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=600) as c:
+            r = c.completions.create(model=name, prompt=prompts[0], max_tokens=T, temperature=0,
+                                     extra_body={"return_token_ids": True})
+        first = r.choices[0].model_extra.get("token_ids")
+        before = app.state.engine.stats()
+        args = (srv.url, name, prompts, T, rounds)
+        if clients_in_process:
+            res = load_clients(*args)
+        else:  # the clients in their own process: they do not share the server's GIL (as remote clients would)
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_client_child, args=(child, *args), daemon=True)
+            proc.start()
+            res = parent.recv()
+            proc.join(60)
         health = app.state.engine.stats()
+    ttft, itl, totals, errors, chunks = res["ttft"], res["itl"], res["totals"], res["errors"], res["chunks"]
+    wall = res["wall"]
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     return {
-        "clients": len(prompts), "rounds": rounds, "wall_s": wall, "completion_tokens": sum(totals),
-        "tokens_per_s": sum(totals) / wall, "errors": len(errors), "error_samples": errors[:3],
+        "clients": len(prompts), "rounds": rounds, "clients_in_process": clients_in_process, "wall_s": wall,
+        "completion_tokens": sum(totals), "tokens_per_s": sum(totals) / wall,
+        "errors": len(errors), "error_samples": errors[:3],
         "ttft_ms": {"p50": ms(pct(ttft, 50)), "p90": ms(pct(ttft, 90)), "p99": ms(pct(ttft, 99))},
         "itl_ms": {"p50": ms(pct(itl, 50)), "p90": ms(pct(itl, 90)), "p99": ms(pct(itl, 99))},
         "tokens_per_chunk_mean": (sum(chunks) / len(chunks)) if chunks else None,
-        "decode_steps": health["decode_steps"], "prefill_calls": health["prefill_calls"],
+        "decode_steps": health["decode_steps"] - before["decode_steps"],
+        "gathered_steps": health["gathered_steps"] - before["gathered_steps"],
+        "prefill_calls": health["prefill_calls"] - before["prefill_calls"],
     }, first, (ttft, itl)
 
 
@@ -169,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other (default: 2)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--clients-in-process", action="store_true",
+                    help="run the clients in the server's process (default: a child process)")
     ap.add_argument("--quick", action="store_true", help="tiny preset on CPU: 4 clients, 16 tokens (smoke test)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -206,7 +236,7 @@ def main(argv=None):
                     prefill_budget=max(args.prefill_chunk, 8 * args.prompt_len), prefix_cache_bytes=0)
     app = create_app(engine, word_tokenizer(V), args.preset, eos_token_ids=[], max_tokens=T,
                      max_prompt_tokens=args.prompt_len)
-    srv, first, (ttft, itl) = server_run(app, prompts, T, args.rounds, args.preset)
+    srv, first, (ttft, itl) = server_run(app, prompts, T, args.rounds, args.preset, args.clients_in_process)
     agree, prefix_equal = None, None
     if first is not None:
         alone = model.generate(torch.tensor([prompts[0]], device=device), T, temperature=0)[0, args.prompt_len:]

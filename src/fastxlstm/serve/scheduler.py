@@ -428,7 +428,8 @@ class Engine:
                 logits, state = self.backend.step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None],
                                                   self.pool.state)
                 self.pool.state = state  # the rows of prefilling requests are rewritten when their prefill ends
-                logits = logits[torch.tensor(slots, device=dev)]
+                if len(rows) < self.max_batch:
+                    logits = logits[torch.tensor(slots, device=dev)]
             else:
                 toks = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=dev)
                 logits, state = self.backend.step(toks, self.pool.gather(slots))
