@@ -5,10 +5,13 @@ A backend has:
 
 - ``prefill(ids, state=None) -> (logits, state)``: ids (B, S) int64 on the model's device, state a B-row
   XLSTMState to continue from (None: fresh); returns float32 logits (B, V) of the last position and the state
-  after the last token.
+  after the last token, as fresh tensors (the scheduler may keep them in its prefix cache).
 - ``step(tokens, state) -> (logits, state)``: tokens (B, 1), one decode step on a B-row state; returns (B, V)
-  logits and the new state. The returned state belongs to the caller (it may keep it as its pool storage and
-  write rows into it in place), so a backend with static buffers must hand out copies or fresh tensors.
+  logits and the new state. Mostly B = max_batch and ``state`` is the state the previous ``step`` returned (the
+  scheduler's pool), otherwise a gathered subset of its rows. The scheduler keeps the returned state as its pool,
+  writes rows of new requests into it in place, and passes it back to the next ``step``: a backend with static
+  buffers (CUDA graphs) may return them, as long as it does not overwrite a returned state before it is passed
+  back (e.g. two state buffers used in turn). Logits are read before the next call.
 - ``device``, ``vocab_size``.
 
 Both are called from the scheduler's single model thread only.
