@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
-import os
 import platform
 import sys
 import time

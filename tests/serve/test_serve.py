@@ -6,9 +6,7 @@ The tiny model is run in float64, where a row of a batched call equals the same 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
 import time
 
 import pytest
@@ -64,8 +62,8 @@ def loaded(model_dir):
 def server(loaded, model_dir):
     from fastxlstm.serve.server import ServerThread, build_app
     model, tok = loaded
-    app = build_app(model, tok, MODEL, model_dirs=[model_dir], max_batch=8, max_queue=400, prefill_chunk=16, prefill_budget=256,
-                    prefix_cache_mb=1, request_timeout=60, max_tokens=64, max_prompt_tokens=200)
+    app = build_app(model, tok, MODEL, model_dirs=[model_dir], max_batch=8, max_queue=400, prefill_chunk=16,
+                    prefill_budget=256, prefix_cache_mb=1, request_timeout=60, max_tokens=64, max_prompt_tokens=200)
     srv = ServerThread(app).start()
     yield srv
     engine = app.state.engine

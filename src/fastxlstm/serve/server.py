@@ -2,7 +2,6 @@
 benchmarks)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import List, Optional, Sequence
