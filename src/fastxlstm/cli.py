@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the weights (default: as stored)")
     v.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
+    v.add_argument("--decode", default="auto", choices=["auto", "eager", "graph"],
+                   help="decode steps as a CUDA graph or eagerly (default: auto = graph on CUDA when available)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
@@ -398,9 +400,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     api_key = ns.api_key or os.environ.get("FASTXLSTM_API_KEY") or None
     app = build_app(model, tok, name, model_dirs=dirs, max_batch=ns.max_batch, max_queue=ns.max_queue,
                     prefill_chunk=ns.prefill_chunk, prefix_cache_mb=ns.prefix_cache_mb, request_timeout=ns.timeout,
-                    max_tokens=ns.max_tokens, max_prompt_tokens=ns.max_prompt_tokens, api_key=api_key)
+                    max_tokens=ns.max_tokens, max_prompt_tokens=ns.max_prompt_tokens, api_key=api_key,
+                    decode=ns.decode)
     print(f"{_PROG} serve: model {name!r} ({type(model).__name__}, {model.num_parameters():,} parameters, "
-          f"{device}) on http://{ns.host}:{ns.port}/v1", file=sys.stderr, flush=True)
+          f"{device}, {type(app.state.engine.backend).__name__}) on http://{ns.host}:{ns.port}/v1",
+          file=sys.stderr, flush=True)
     run_server(app, ns.host, ns.port, ns.log_level)
     return 0
 

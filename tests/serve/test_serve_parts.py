@@ -199,3 +199,25 @@ def test_engine_eos_and_queue_full(model):
             e.submit([1], SamplingParams(1, 1.0, top_p=1.5))
         assert V > 0
     asyncio.run(overfill())
+
+
+def test_graph_backend_logic_on_cpu(monkeypatch):
+    """GraphBackend around the generation package's graph decoder (its captured body run eagerly on the CPU, as
+    in that package's own logic tests): the engine gives model.generate's tokens, the decoder's static state
+    becomes the pool, and subsets of rows fall back to eager steps."""
+    graph = pytest.importorskip("fastxlstm.generation.graph")
+    from fastxlstm.serve.backend import GraphBackend
+    monkeypatch.setattr(graph, "_CAPTURE", False)
+    torch.manual_seed(2)
+    model = fastxlstm.build_model("tiny").double().eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (3 + 4 * i,), generator=g).tolist() for i in range(7)]
+    n_new = [5 + i % 4 for i in range(7)]
+    refs = [model.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist() for p, n in zip(prompts, n_new)]
+    be = GraphBackend(model, max_batch=4)
+    engine = Engine(be, max_batch=4, max_queue=10, prefill_chunk=8)
+    out = run_engine(engine, [(p, SamplingParams(n, 0.0), None) for p, n in zip(prompts, n_new)])
+    assert out == refs
+    st = engine.stats()
+    assert be._dec is not None and engine.pool.state is be._dec.state
+    assert st["gathered_steps"] > 0 and st["decode_steps"] > st["gathered_steps"]

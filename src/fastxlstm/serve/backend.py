@@ -24,7 +24,7 @@ import torch
 
 from ..layers.state import XLSTMState
 
-__all__ = ["DecodeBackend", "EagerBackend"]
+__all__ = ["DecodeBackend", "EagerBackend", "GraphBackend", "graph_backend_available"]
 
 
 class DecodeBackend:
@@ -57,3 +57,48 @@ class EagerBackend(DecodeBackend):
     def step(self, tokens, state):
         out = self.model(tokens, state=state)
         return out.logits[:, 0], out.state
+
+
+def graph_backend_available(model) -> bool:
+    """True when the CUDA-graph decoder (``fastxlstm.generation.graph``, logits mode) exists and can run
+    ``model`` (CUDA parameters, not float64)."""
+    try:
+        from ..generation import graph
+    except ImportError:
+        return False
+    return bool(graph.graph_decoding_available(model))
+
+
+class GraphBackend(DecodeBackend):
+    """Whole-pool decode steps replayed as one CUDA graph (the generation package's graph decoder in logits mode:
+    the scheduler samples each row itself); prefill and steps on a subset of rows run eagerly.
+
+    The decoder's static state becomes the scheduler's pool: the first whole-pool step copies the pool into it
+    once, returns it, and from then on the scheduler passes it back (no copy) and writes new requests' rows into
+    it in place; the graph updates it in place at each replay.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_batch: int):
+        from ..generation import graph  # noqa: F401  (ImportError when the graph decoder is not there)
+        self.eager = EagerBackend(model)
+        self.model = self.eager.model
+        self.device = self.eager.device
+        self.vocab_size = self.eager.vocab_size
+        self.max_batch = max_batch
+        self._dec = None
+
+    def prefill(self, ids, state=None):
+        return self.eager.prefill(ids, state)
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        if tokens.shape[0] != self.max_batch:
+            return self.eager.step(tokens, state)
+        if self._dec is None:
+            from ..generation.graph import get_decoder
+            self._dec = get_decoder(self.model, self.max_batch, sample=None, top_k=None, use_top_p=False,
+                                    eos=None, fill=None)
+        dec = self._dec
+        if state is not dec.state:
+            dec.load(state, tokens.reshape(-1))
+        return dec.step_logits(tokens.reshape(-1)), dec.state

@@ -27,20 +27,30 @@ def eos_ids(model, tokenizer, chat_cfg: dict) -> List[int]:
 def build_app(model, tokenizer, model_name: str, *, model_dirs: Sequence[str] = (), max_batch: int = 64,
               max_queue: int = 256, prefill_chunk: int = 512, prefix_cache_mb: float = 1024.0,
               request_timeout: float = 600.0, max_tokens: int = 2048, max_prompt_tokens: int = 8192,
-              api_key: Optional[str] = None, backend=None, prefill_budget: Optional[int] = None):
+              api_key: Optional[str] = None, backend=None, prefill_budget: Optional[int] = None,
+              decode: str = "auto"):
     """The FastAPI app serving ``model`` (any fastxlstm model, already on its device and dtype).
 
     model_dirs: where to look for chat_template.jinja / tokenizer_config.json (chat template, eos token);
-    backend: a DecodeBackend (default: EagerBackend(model)). The engine starts with the app (its lifespan).
+    backend: a DecodeBackend; without one, ``decode`` picks it: "graph" (whole-pool decode steps as a CUDA graph,
+    :class:`~fastxlstm.serve.backend.GraphBackend`), "eager", or "auto" (graph when the model can use it).
+    The engine starts with the app (its lifespan).
     """
     from .app import create_app
-    from .backend import EagerBackend
+    from .backend import EagerBackend, GraphBackend, graph_backend_available
     from .chat import ChatTemplate, load_chat_config
     from .scheduler import Engine
 
     cfg = load_chat_config(list(model_dirs))
     template = ChatTemplate(cfg["chat_template"], cfg["bos_token"], cfg["eos_token"])
-    engine = Engine(backend or EagerBackend(model), max_batch=max_batch, max_queue=max_queue,
+    if backend is None:
+        if decode not in ("auto", "eager", "graph"):
+            raise ValueError(f"decode must be 'auto', 'eager' or 'graph', got {decode!r}")
+        if decode == "graph" and not graph_backend_available(model):
+            raise ValueError("decode='graph' needs the CUDA-graph decoder and a CUDA model (not float64)")
+        use_graph = decode == "graph" or (decode == "auto" and graph_backend_available(model))
+        backend = GraphBackend(model, max_batch) if use_graph else EagerBackend(model)
+    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=int(prefix_cache_mb * 2**20),
                     request_timeout=request_timeout, prefill_budget=prefill_budget)
     return create_app(engine, tokenizer, model_name, chat_template=template,
