@@ -10,7 +10,8 @@ Everything runs in this one process, with random weights (``build_model(preset)`
 
 1. raw decode: ``model.generate`` on a (N, prompt_len) batch, greedy, ``--max-tokens`` new tokens, timed twice
    (with max_new_tokens T and 1) so that the decode-only rate is N (T - 1) / (t_T - t_1) tokens/s;
-2. engine: the server's scheduler (:class:`fastxlstm.serve.Engine`) driven directly, no HTTP: N requests at once;
+2. engine: the server's scheduler (:class:`fastxlstm.serve.Engine`) driven directly, no HTTP: N requests at once
+   (decode backend: ``--decode``, by default the CUDA graph when the tree has it and the model is on CUDA);
 3. server: the FastAPI app under uvicorn on 127.0.0.1 (a thread of this process) and N streaming clients
    (the official ``openai`` client, ``AsyncOpenAI``, in a child process, so that they do not share the server's
    GIL; ``--clients-in-process`` runs them in this process), each sending ``--rounds`` requests one after the
@@ -78,11 +79,11 @@ def raw_decode(model, prompts, T, device):
             "total_tokens_per_s": N * T / times[T], "decode_tokens_per_s": dec}, out[:, len(prompts[0]):].tolist()
 
 
-def engine_direct(model, prompts, T, max_batch, prefill_chunk):
-    from fastxlstm.serve import EagerBackend, Engine, SamplingParams
+def engine_direct(backend, prompts, T, max_batch, prefill_chunk):
+    from fastxlstm.serve import Engine, SamplingParams
 
     async def main():
-        eng = Engine(EagerBackend(model), max_batch=max_batch, max_queue=len(prompts),
+        eng = Engine(backend, max_batch=max_batch, max_queue=len(prompts),
                      prefill_chunk=prefill_chunk, prefill_budget=max(prefill_chunk, 8 * len(prompts[0])),
                      prefix_cache_bytes=0).start()
         try:
@@ -196,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other (default: 2)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--decode", default="auto", choices=["auto", "eager", "graph"],
+                    help="the server's decode backend (default: auto = CUDA graph when available)")
     ap.add_argument("--clients-in-process", action="store_true",
                     help="run the clients in the server's process (default: a child process)")
     ap.add_argument("--quick", action="store_true", help="tiny preset on CPU: 4 clients, 16 tokens (smoke test)")
@@ -210,7 +213,7 @@ def main(argv=None):
 
     import fastxlstm
     from fastxlstm.serve.app import create_app
-    from fastxlstm.serve.backend import EagerBackend
+    from fastxlstm.serve.backend import EagerBackend, GraphBackend, graph_backend_available
     from fastxlstm.serve.scheduler import Engine
 
     torch.manual_seed(0)
@@ -228,10 +231,15 @@ def main(argv=None):
     raw, raw_tokens = raw_decode(model, prompts, T, device)
     print(f"raw decode (model.generate, B={N}): {raw['decode_tokens_per_s'] or float('nan'):,.0f} tokens/s decode, "
           f"{raw['total_tokens_per_s']:,.0f} tokens/s with prefill", flush=True)
-    eng = engine_direct(model, prompts, T, N, args.prefill_chunk)
-    print(f"engine (no HTTP): {eng['tokens_per_s']:,.0f} tokens/s", flush=True)
+    use_graph = args.decode == "graph" or (args.decode == "auto" and graph_backend_available(model))
 
-    engine = Engine(EagerBackend(model), max_batch=N, max_queue=4 * N, prefill_chunk=args.prefill_chunk,
+    def backend():
+        return GraphBackend(model, N) if use_graph else EagerBackend(model)
+    eng = engine_direct(backend(), prompts, T, N, args.prefill_chunk)
+    eng["backend"] = "graph" if use_graph else "eager"
+    print(f"engine (no HTTP, {eng['backend']} decode): {eng['tokens_per_s']:,.0f} tokens/s", flush=True)
+
+    engine = Engine(backend(), max_batch=N, max_queue=4 * N, prefill_chunk=args.prefill_chunk,
                     prefill_budget=max(args.prefill_chunk, 8 * args.prompt_len), prefix_cache_bytes=0)
     app = create_app(engine, word_tokenizer(V), args.preset, eos_token_ids=[], max_tokens=T,
                      max_prompt_tokens=args.prompt_len)
@@ -259,7 +267,7 @@ def main(argv=None):
                      "openai": _version("openai")},
         "args": vars(args), "dtype": str(dtype), "parameters": model.num_parameters(),
         "state_bytes_per_sequence": state_bytes,
-        "raw_decode": raw, "engine_direct": eng, "server": srv, "server_over_raw_decode": ratio,
+        "decode_backend": eng["backend"], "raw_decode": raw, "engine_direct": eng, "server": srv, "server_over_raw_decode": ratio,
         "greedy_agreement_server_vs_generate_alone": agree, "greedy_equal_prefix_tokens": prefix_equal,
     }
     out = Path(args.out)

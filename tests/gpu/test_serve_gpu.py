@@ -34,13 +34,17 @@ def near_tie(model, ids, prefix):
     return float(top[0] - top[1]) < 1e-3
 
 
+@pytest.mark.parametrize("decode", ["eager", "graph"])
 @pytest.mark.parametrize("preset", ["tiny", "7b-tiny"])
-def test_engine_cuda_equals_generate(preset):
+def test_engine_cuda_equals_generate(preset, decode):
     import fastxlstm
     from fastxlstm.serve import EagerBackend, Engine, SamplingParams
+    from fastxlstm.serve.backend import GraphBackend, graph_backend_available
 
     torch.manual_seed(0)
     model = fastxlstm.build_model(preset).cuda().eval()
+    if decode == "graph" and not graph_backend_available(model):
+        pytest.skip("no CUDA-graph decoder in this tree")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (5 + 13 * i,), generator=g).tolist() for i in range(24)]
     n_new = [8 + i % 9 for i in range(24)]
@@ -48,7 +52,8 @@ def test_engine_cuda_equals_generate(preset):
             for p, n in zip(prompts, n_new)]
 
     async def main():
-        eng = Engine(EagerBackend(model), max_batch=8, max_queue=32, prefill_chunk=64).start()
+        be = GraphBackend(model, 8) if decode == "graph" else EagerBackend(model)
+        eng = Engine(be, max_batch=8, max_queue=32, prefill_chunk=64).start()
         try:
             async def one(p, n):
                 return [v async for k, v in eng.submit(p, SamplingParams(n, 0.0)) if k == "token"]
