@@ -302,14 +302,13 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._wake.clear()  # before taking the inbox: a request submitted after this sets it again
                 with self._lock:
                     while self._inbox:
                         self._waiting.append(self._inbox.popleft())
                 if not self._waiting and not self._running:
                     self._wake.wait(0.05)
-                    self._wake.clear()
                     continue
-                self._wake.clear()
                 self._reap()
                 self._admit()
                 self._prefill()
