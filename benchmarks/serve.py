@@ -24,7 +24,7 @@ streamed chunk is one token). No eos: every request produces exactly --max-token
 run: the greedy tokens of one request through the server are compared with ``model.generate`` on that prompt
 alone (the agreement is reported; bf16 batched and single-row calls may round differently).
 
-Writes benchmarks/results/serve_<preset>_<device>.json (GPU name, versions, date, all numbers) and a .png.
+Writes benchmarks/results/serve_<preset>_<device>_<eager or graph>.json (GPU name, versions, date, all numbers) and a .png.
 """
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve_{args.preset}_{device.type}"
+    stem = out / f"serve_{args.preset}_{device.type}_{eng['backend']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, ttft, itl, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")
