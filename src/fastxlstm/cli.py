@@ -1,8 +1,9 @@
-"""Command line: ``fastxlstm train | generate | eval | presets`` (also ``python -m fastxlstm``).
+"""Command line: ``fastxlstm train | generate | eval | serve | presets`` (also ``python -m fastxlstm``).
 
     fastxlstm train                                   # small xLSTM on the Python standard library, ~5 min on CPU
     fastxlstm generate --model runs/latest --prompt "def "
     fastxlstm eval --model runs/latest                # held-out split of the default corpus
+    fastxlstm serve --model runs/latest               # OpenAI-compatible HTTP API on 127.0.0.1:8000
     torchrun --nproc-per-node 2 -m fastxlstm train --preset 125m --device cuda
 
 Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2.
@@ -159,6 +160,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       formatter_class=_Formatter,
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models and /health (needs the\n"
+                                   "'serve' extra: pip install 'fastxlstm[serve]'). --model as for 'generate'.")
+    v.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    v.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="the model id clients send (default: the directory's name)")
+    v.add_argument("--max-batch", type=int, default=64, metavar="N", help="state slots = sequences decoded "
+                                                                          "together (default: 64)")
+    v.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting for a slot before answering 429 (default: 256)")
+    v.add_argument("--max-tokens", type=int, default=2048, metavar="N",
+                   help="most new tokens per request; also the chat default (default: 2048)")
+    v.add_argument("--max-prompt-tokens", type=int, default=8192, metavar="N",
+                   help="longer prompts get a 400 (default: 8192)")
+    v.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prompt tokens prefilled between two decode steps (default: 512)")
+    v.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MB",
+                   help="memory for cached prefix states, 0 to disable (default: 1024)")
+    v.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout (default: 600)")
+    v.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: $FASTXLSTM_API_KEY, else none)")
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="cast the weights (default: as stored)")
+    v.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer.json to use instead of the one in the model directory")
+    v.add_argument("--decode", default="auto", choices=["auto", "eager", "graph"],
+                   help="decode steps as a CUDA graph or eagerly (default: auto = graph on CUDA when available)")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
                    description="List the model presets accepted by 'fastxlstm train --preset'.")
@@ -346,6 +380,35 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    for name in ("max_batch", "max_tokens", "max_prompt_tokens", "prefill_chunk"):
+        if getattr(ns, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if ns.max_queue < 0 or ns.prefix_cache_mb < 0 or not ns.timeout > 0 or not 0 <= ns.port < 65536:
+        raise UsageError("--max-queue and --prefix-cache-mb must be >= 0, --timeout > 0, --port in [0, 65535]")
+    try:
+        from .serve.server import build_app, run_server
+    except ImportError as e:
+        raise UsageError(f"the server needs the 'serve' extra ({e}): pip install 'fastxlstm[serve]'") from None
+    from .train.distributed import pick_device
+    device = pick_device(ns.device, 0)
+    model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    model_dir, ckpt_dir = _find_model_dir(ns.model)
+    base = model_dir or ckpt_dir
+    dirs = [base, os.path.dirname(os.path.abspath(base))]
+    name = ns.served_model_name or os.path.basename(os.path.abspath(ns.model.rstrip("/\\")))
+    api_key = ns.api_key or os.environ.get("FASTXLSTM_API_KEY") or None
+    app = build_app(model, tok, name, model_dirs=dirs, max_batch=ns.max_batch, max_queue=ns.max_queue,
+                    prefill_chunk=ns.prefill_chunk, prefix_cache_mb=ns.prefix_cache_mb, request_timeout=ns.timeout,
+                    max_tokens=ns.max_tokens, max_prompt_tokens=ns.max_prompt_tokens, api_key=api_key,
+                    decode=ns.decode)
+    print(f"{_PROG} serve: model {name!r} ({type(model).__name__}, {model.num_parameters():,} parameters, "
+          f"{device}, {type(app.state.engine.backend).__name__}) on http://{ns.host}:{ns.port}/v1",
+          file=sys.stderr, flush=True)
+    run_server(app, ns.host, ns.port, ns.log_level)
+    return 0
+
+
 def cmd_presets(ns: argparse.Namespace) -> int:
     from .models.presets import list_presets
     from .train.config import TrainConfig
@@ -368,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command is None:
             parser.print_help()
             return 2
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "serve": cmd_serve,
                 "presets": cmd_presets}[ns.command](ns)
     except UsageError as e:
         if debug:
@@ -396,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def argv_command(argv: Optional[List[str]]) -> str:
     args = sys.argv[1:] if argv is None else argv
     for a in args:
-        if a in ("train", "generate", "eval", "presets"):
+        if a in ("train", "generate", "eval", "serve", "presets"):
             return a
     return ""
 
