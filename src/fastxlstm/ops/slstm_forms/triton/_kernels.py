@@ -54,12 +54,14 @@ class SLSTMTritonConfig:
 
 
 def default_config(DH: int, dtype: torch.dtype) -> SLSTMTritonConfig:
-    """BB 16 (the most programs for a given batch), tiles of 64 units; R held in registers when it is small
-    (four DH x DH gate blocks of at most 32 KB)."""
-    bj = min(DH, 64)
+    """BB 16 (the most programs for a given batch); one tile of all units up to DH 64, with R held in registers
+    when its four DH x DH gate blocks take at most 32 KB; tiles of 64 units (reduction chunks of 32) above. Eight
+    warps from DH 64: with four, the sm_90 build spills (Triton 3.9, cuobjdump; benchmarks/NOTES.md)."""
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-    hoist = bj == DH and 4 * DH * DH * elt <= 32 * 1024
-    return SLSTMTritonConfig(block_b=16, block_j=bj, block_k=bj, num_warps=4, hoist=hoist)
+    if DH <= 64:
+        hoist = 4 * DH * DH * elt <= 32 * 1024
+        return SLSTMTritonConfig(block_b=16, block_j=DH, block_k=DH, num_warps=8 if DH == 64 else 4, hoist=hoist)
+    return SLSTMTritonConfig(block_b=16, block_j=64, block_k=32, num_warps=8, hoist=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
