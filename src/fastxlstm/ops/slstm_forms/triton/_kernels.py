@@ -55,13 +55,14 @@ class SLSTMTritonConfig:
 
 def default_config(DH: int, dtype: torch.dtype) -> SLSTMTritonConfig:
     """BB 16 (the most programs for a given batch); one tile of all units up to DH 64, with R held in registers
-    when its four DH x DH gate blocks take at most 32 KB; tiles of 64 units (reduction chunks of 32) above. Eight
-    warps from DH 64: with four, the sm_90 build spills (Triton 3.9, cuobjdump; benchmarks/NOTES.md)."""
+    when its four DH x DH gate blocks take at most 32 KB; tiles of 64 units and reduction chunks of 64 above. Eight
+    warps from DH 64: no spills in the sm_90 builds (Triton 3.9 AOT + cuobjdump: 128-176 registers; four warps
+    spill at DH 256; benchmarks/NOTES.md)."""
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     if DH <= 64:
         hoist = 4 * DH * DH * elt <= 32 * 1024
         return SLSTMTritonConfig(block_b=16, block_j=DH, block_k=DH, num_warps=8 if DH == 64 else 4, hoist=hoist)
-    return SLSTMTritonConfig(block_b=16, block_j=64, block_k=32, num_warps=8, hoist=False)
+    return SLSTMTritonConfig(block_b=16, block_j=64, block_k=64, num_warps=8, hoist=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def slstm_forward(x, R, b, st, resets, save: bool, cfg: Optional[SLSTMTritonConf
     G = torch.empty(B, S, 4, NH, DH, dtype=torch.float32, device=x.device) if save else h
     NS = st.shape[0]
     rst = resets.contiguous().view(torch.uint8) if resets is not None else h
-    grid = (triton.cdiv(B, cfg.block_b), NH)
+    grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _fwd_kernel[grid](x, Rd, bf, rst, st, h, G, B, S, NS, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, SAVE_G=save, HOIST=cfg.hoist, IP=_ip(dd),
                       UP=up, num_warps=cfg.num_warps)
@@ -361,7 +362,7 @@ def slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, cfg: Optional[SLS
         cr[2 + (S - 1) % 2].copy_(ghl)
     gh_arg = gh.contiguous() if gh is not None else cr
     rst = resets.contiguous().view(torch.uint8) if resets is not None else cr
-    grid = (triton.cdiv(B, cfg.block_b), NH)
+    grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _bwd_kernel[grid](G, st, rst, RT, gh_arg, dG, cr, B, S, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, HAS_DH=gh is not None, IP=_ip(dd), UP=up,
                       num_warps=cfg.num_warps)
