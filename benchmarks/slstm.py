@@ -344,7 +344,7 @@ def main():
         B, NH, DH = SHAPES[name]
         sweep = {"shape": name, "default": repr(default_config(DH, dtype)), "runs": []}
         cands = [SLSTMTritonConfig(block_j=bj, block_k=bk, num_warps=nw)
-                 for bj in (32, 64, 128) for bk in (32, 64) for nw in (4, 8) if bj <= DH and bk <= DH]
+                 for bj in (32, 64, 128, 256) for bk in (32, 64) for nw in (4, 8, 16) if bj <= DH and bk <= DH]
         if DH <= 64:
             cands += [SLSTMTritonConfig(block_j=DH, block_k=DH, num_warps=nw, hoist=True) for nw in (4, 8)]
         for cfg in cands:

@@ -154,6 +154,22 @@ def _fwd_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, B, S, NS, NH
         xrow = (rows * S + t) * 4 * GS + hd * DH  # (BB,)
         for j in range(0, DH, BJ):
             cols = j + ar
+            so = srow[:, None] + cols[None, :]
+            xo = xrow[:, None] + cols[None, :]
+            bo = hd * DH + cols
+            # the loads that do not depend on h_{t-1} first: their latency overlaps the dots
+            pi = tl.load(x_ptr + xo, mask=rm2, other=0.0).to(tl.float32) + tl.load(b_ptr + bo)[None, :]
+            pf = tl.load(x_ptr + xo + GS, mask=rm2, other=0.0).to(tl.float32) + tl.load(b_ptr + GS + bo)[None, :]
+            pz = tl.load(x_ptr + xo + 2 * GS, mask=rm2, other=0.0).to(tl.float32) \
+                + tl.load(b_ptr + 2 * GS + bo)[None, :]
+            po = tl.load(x_ptr + xo + 3 * GS, mask=rm2, other=0.0).to(tl.float32) \
+                + tl.load(b_ptr + 3 * GS + bo)[None, :]
+            c_prev = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            n_prev = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            if HAS_RESET:
+                c_prev = tl.where(keep[:, None], c_prev, 0.0)
+                n_prev = tl.where(keep[:, None], n_prev, 0.0)
             acc_i = tl.zeros((BB, BJ), dtype=tl.float32)
             acc_f = tl.zeros((BB, BJ), dtype=tl.float32)
             acc_z = tl.zeros((BB, BJ), dtype=tl.float32)
@@ -176,22 +192,10 @@ def _fwd_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, B, S, NS, NH
                     acc_f += _dot(hk, tl.load(Rh + RG + roff2), IP, UP)
                     acc_z += _dot(hk, tl.load(Rh + 2 * RG + roff2), IP, UP)
                     acc_o += _dot(hk, tl.load(Rh + 3 * RG + roff2), IP, UP)
-            so = srow[:, None] + cols[None, :]
-            c_prev = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            n_prev = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            if HAS_RESET:
-                c_prev = tl.where(keep[:, None], c_prev, 0.0)
-                n_prev = tl.where(keep[:, None], n_prev, 0.0)
-            xo = xrow[:, None] + cols[None, :]
-            bo = hd * DH + cols
-            pi = acc_i + tl.load(x_ptr + xo, mask=rm2, other=0.0).to(tl.float32) + tl.load(b_ptr + bo)[None, :]
-            pf = acc_f + tl.load(x_ptr + xo + GS, mask=rm2, other=0.0).to(tl.float32) \
-                + tl.load(b_ptr + GS + bo)[None, :]
-            pz = acc_z + tl.load(x_ptr + xo + 2 * GS, mask=rm2, other=0.0).to(tl.float32) \
-                + tl.load(b_ptr + 2 * GS + bo)[None, :]
-            po = acc_o + tl.load(x_ptr + xo + 3 * GS, mask=rm2, other=0.0).to(tl.float32) \
-                + tl.load(b_ptr + 3 * GS + bo)[None, :]
+            pi += acc_i
+            pf += acc_f
+            pz += acc_z
+            po += acc_o
             if SAVE_G:
                 tl.store(g_ptr + xo, pi, mask=rm2)
                 tl.store(g_ptr + xo + GS, pf, mask=rm2)
