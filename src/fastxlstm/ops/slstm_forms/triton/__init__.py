@@ -66,6 +66,9 @@ class _SLSTMTritonFn(torch.autograd.Function):
         return dx, dR, db, dc0, dn0, None, dh0, None, None
 
 
+_disabled = None
+
+
 def slstm_triton(x, R, b, state=None, resets: Optional[torch.Tensor] = None, cfg=None):
     """The sLSTM over a sequence with the Triton kernels (inputs validated by fastxlstm.ops.slstm).
 
@@ -73,6 +76,15 @@ def slstm_triton(x, R, b, state=None, resets: Optional[torch.Tensor] = None, cfg
     (c, n, m, h) each (B, NH, DH); resets None or (B, S) bool; DH in SUPPORTED_HEAD_DIMS. Returns h (B, S, NH, DH)
     in x's dtype and the final (c, n, m, h) in float32. ``cfg`` (an SLSTMTritonConfig) overrides the tiling.
     """
+    # torch.compile runs the kernels as they are (a graph break) rather than tracing the launcher; the wrapper is
+    # made on first use because torch.compiler.disable imports dynamo (and triton), which import must not
+    global _disabled
+    if _disabled is None:
+        _disabled = torch.compiler.disable(_slstm_triton)
+    return _disabled(x, R, b, state, resets, cfg)
+
+
+def _slstm_triton(x, R, b, state, resets, cfg):
     x = x.contiguous()
     B, S, _, NH, DH = x.shape
     needs_grad = torch.is_grad_enabled() and (

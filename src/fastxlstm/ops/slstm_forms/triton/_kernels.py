@@ -22,6 +22,7 @@ inputs use IEEE fp32 dots unless torch's float32 matmul precision allows TF32. B
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -53,6 +54,7 @@ class SLSTMTritonConfig:
             raise ValueError("SLSTMTritonConfig.hoist needs block_j == block_k == the head dim")
 
 
+@functools.lru_cache(maxsize=None)
 def default_config(DH: int, dtype: torch.dtype) -> SLSTMTritonConfig:
     """BB 16 (the most programs for a given batch); one tile of all units up to DH 64, with R held in registers
     when its four DH x DH gate blocks take at most 32 KB; tiles of 64 units and reduction chunks of 64 above. Eight
