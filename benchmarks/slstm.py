@@ -302,7 +302,7 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time other tilings of the kernels (first shape)")
-    ap.add_argument("--official-timeout", type=int, default=420)
+    ap.add_argument("--official-timeout", type=int, default=400, help="seconds for all official shapes (nvcc builds included)")
     ap.add_argument("--plot", default=None, help="only redraw the png and table of an existing JSON")
     ap.add_argument("--official-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -76,12 +76,15 @@ def slstm_triton(x, R, b, state=None, resets: Optional[torch.Tensor] = None, cfg
     (c, n, m, h) each (B, NH, DH); resets None or (B, S) bool; DH in SUPPORTED_HEAD_DIMS. Returns h (B, S, NH, DH)
     in x's dtype and the final (c, n, m, h) in float32. ``cfg`` (an SLSTMTritonConfig) overrides the tiling.
     """
-    # torch.compile runs the kernels as they are (a graph break) rather than tracing the launcher; the wrapper is
-    # made on first use because torch.compiler.disable imports dynamo (and triton), which import must not
-    global _disabled
-    if _disabled is None:
-        _disabled = torch.compiler.disable(_slstm_triton)
-    return _disabled(x, R, b, state, resets, cfg)
+    if torch.compiler.is_compiling():
+        # torch.compile runs the kernels as they are (a graph break) rather than tracing the launcher. The wrapper
+        # is made here, not at import: torch.compiler.disable imports dynamo (and triton); eager calls skip it
+        # (a few microseconds per decoding step)
+        global _disabled
+        if _disabled is None:
+            _disabled = torch.compiler.disable(_slstm_triton)
+        return _disabled(x, R, b, state, resets, cfg)
+    return _slstm_triton(x, R, b, state, resets, cfg)
 
 
 def _slstm_triton(x, R, b, state, resets, cfg):
