@@ -47,3 +47,43 @@ def test_empty_sequence_passes_the_state_through(backend):
     assert torch.equal(C, state[0]) and torch.equal(n, state[1]) and torch.equal(m, state[2])
     h, (C, n, m) = ops.mlstm(q, q, v, gate, gate, backend=backend)
     assert C.abs().sum() == 0 and n.abs().sum() == 0 and m.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sLSTM
+# ----------------------------------------------------------------------------------------------------------
+
+def _x(B, NH, DH, dtype=torch.float32):
+    return torch.empty(B, 3, 4, NH, DH, dtype=dtype)
+
+
+def test_slstm_auto_is_recurrent_without_cuda():
+    assert ops._pick_slstm_backend("auto", _x(2, 4, 16)) == "recurrent"
+
+
+@pytest.mark.parametrize("NH,DH,dtype,expected", [
+    (4, 256, torch.bfloat16, "triton"),
+    (16, 64, torch.float32, "triton"),
+    (8, 16, torch.float16, "triton"),
+    (4, 256, torch.float64, "recurrent"),  # the kernels take no float64
+    (4, 8, torch.bfloat16, "recurrent"),   # head dims the kernels were not built for
+    (4, 48, torch.bfloat16, "recurrent"),
+    (2, 512, torch.bfloat16, "recurrent"),
+])
+def test_slstm_auto_with_cuda(monkeypatch, NH, DH, dtype, expected):
+    monkeypatch.setattr(ops, "triton_available", lambda device=None: True)
+    assert ops._pick_slstm_backend("auto", _x(2, NH, DH, dtype)) == expected
+
+
+def test_slstm_explicit_triton_without_cuda_is_a_clear_error():
+    x = torch.randn(1, 2, 4, 1, 16)
+    with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
+        ops.slstm(x, torch.zeros(4, 1, 16, 16), torch.zeros(4, 1, 16), backend="triton")
+
+
+def test_slstm_explicit_triton_unsupported_head_dim(monkeypatch):
+    monkeypatch.setattr(ops, "triton_available", lambda device=None: True)
+    with pytest.raises(ValueError, match="head dims"):
+        ops._pick_slstm_backend("triton", _x(1, 1, 24))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        ops._pick_slstm_backend("triton", _x(1, 1, 16, torch.float64))

@@ -297,3 +297,51 @@ def test_plain_loop_is_not_trivial():
         other = run_loop(SLSTMCase(t, case.grads_out, True))
         assert rel_err(other.h, base.h) > 1e-3, f"the loop ignores {key}"
     assert math.isfinite(base.h.abs().sum().item())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the first step from an empty state is exact for any input gate (issue 11, item 3)
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["fresh", "reset", "zero state"])
+@pytest.mark.parametrize("backend", BACKENDS + ("auto",))
+def test_first_step_exact_for_any_input_gate(backend, how):
+    """From an empty state h_1 = sigmoid(o) tanh(z) whatever the input gate: the stabiliser starts from it.
+    (With m starting at 0, pre_i = -200 underflowed exp() in float32 and gave h = 0; -95 lost precision.)"""
+    B, S, NH, DH = 2, 3, 2, 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, S, 4, NH, DH, generator=g)
+    x[:, :, 0] = torch.tensor([-200.0, -95.0, 80.0])[None, :, None, None]
+    R = torch.randn(4, NH, DH, DH, generator=g)
+    b = torch.zeros(4, NH, DH)
+    want = torch.sigmoid(x[:, 0, 3].double()) * torch.tanh(x[:, 0, 2].double())
+    state = None
+    if how == "reset":  # a state with history, cleared by a reset before the first token
+        state = tuple(torch.rand(B, NH, DH, generator=g) + 0.5 for _ in range(4))
+    elif how == "zero state":  # what a layer's init_state gives
+        state = tuple(torch.zeros(B, NH, DH) for _ in range(4))
+    resets = torch.ones(B, S, dtype=torch.bool) if how == "reset" else None
+    h, (c, n, m, h_last) = slstm(x, R, b, state=state, backend=backend, resets=resets)
+    assert rel_err(h[:, 0], want) < 1e-6
+    if how == "reset":  # every step reset: each one is a first step, its stabiliser its own input gate
+        assert torch.equal(m, x[:, -1, 0])
+        want_all = torch.sigmoid(x[:, :, 3].double()) * torch.tanh(x[:, :, 2].double())
+        assert rel_err(h, want_all) < 1e-6
+
+
+def test_empty_state_gradient_is_finite():
+    """The -inf stabiliser of an empty state yields no NaN in the gradients (no inf * 0, no -inf - -inf)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 4, 2, 4, generator=g, dtype=torch.float64)
+    x[:, :, 0] = -300.0
+    x.requires_grad_()
+    R = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    resets = torch.zeros(2, 5, dtype=torch.bool)
+    resets[0, 2] = True
+    for backend in BACKENDS:
+        h, _ = slstm(x, R, b, backend=backend, resets=resets)
+        gx, gR, gb = torch.autograd.grad(h.sum(), [x, R, b])
+        for name, t in (("d_x", gx), ("d_R", gR), ("d_b", gb)):
+            assert_finite(f"{backend} {name}", t)
+        assert gx.abs().sum() > 0

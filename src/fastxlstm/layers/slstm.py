@@ -100,11 +100,12 @@ class SLSTMLayer(nn.Module):
             x_c = F.silu(x_c)
         else:
             x_c, conv_state = x, None
-        cd = _cell_dtype(x.dtype)
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)
-        gates = gates.view(B, S, 4, NH, DH).to(cd)
+        # the gates stay in the activations' dtype: the cell computes in float32 (float64) whatever it gets, and
+        # the CUDA kernels multiply 16-bit inputs on tensor cores (the values are the projections' either way)
+        gates = gates.view(B, S, 4, NH, DH)
         cell_state = None if state is None else (state.c, state.n, state.m, state.h)
-        h, (c, n, m, h_last) = slstm(gates, self.recurrent_kernel.to(cd), self.gate_bias.to(cd),
+        h, (c, n, m, h_last) = slstm(gates, self.recurrent_kernel, self.gate_bias,
                                         state=cell_state, backend=backend, resets=resets)
         y = self.group_norm(h).to(x.dtype)  # (B, S, E)
         return y, SLSTMBlockState(c=c, n=n, m=m, h=h_last, conv=conv_state)

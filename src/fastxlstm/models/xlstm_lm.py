@@ -25,7 +25,7 @@ from ..layers.state import XLSTMState
 __all__ = ["XLSTMLMConfig", "XLSTMLM", "slstm_positions"]
 
 _MLSTM_BACKENDS = ("auto", "reference", "parallel", "chunkwise", "recurrent", "triton")
-_SLSTM_BACKENDS = ("auto", "reference", "recurrent")
+_SLSTM_BACKENDS = ("auto", "reference", "recurrent", "triton")
 
 
 def slstm_positions(num_blocks: int, ratio: Tuple[int, int] = (7, 1)) -> Tuple[int, ...]:

@@ -18,7 +18,7 @@ from ._checks import (check_same_device, check_same_dtype, check_shape, check_te
 __all__ = ["mlstm", "mlstm_step", "slstm", "MLSTM_BACKENDS", "SLSTM_BACKENDS", "triton_available"]
 
 MLSTM_BACKENDS = ("auto", "reference", "parallel", "chunkwise", "recurrent", "triton")
-SLSTM_BACKENDS = ("auto", "reference", "recurrent")
+SLSTM_BACKENDS = ("auto", "reference", "recurrent", "triton")
 
 
 def triton_available(device: Optional[torch.device] = None) -> bool:
@@ -224,6 +224,33 @@ def mlstm_step(q, k, v, i, f, state, eps: float = 1e-6, backend: str = "auto"):
 # sLSTM
 # ----------------------------------------------------------------------------------------------------------
 
+# head dims the sLSTM kernels were built and tested for (tiles of 16..64 units; others run the PyTorch form)
+_SLSTM_TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _slstm_triton_fits(x: torch.Tensor) -> bool:
+    return (triton_available(x.device) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.shape[-1] in _SLSTM_TRITON_HEAD_DIMS and x.shape[3] <= 65535)  # heads: grid axis 1
+
+
+def _pick_slstm_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in SLSTM_BACKENDS:
+        raise ValueError(f"backend must be one of {SLSTM_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if not triton_available(x.device):
+            raise ValueError("backend='triton' needs a CUDA device and the triton package "
+                             f"(inputs are on {x.device}); use backend='auto' to fall back to PyTorch")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"backend='triton' takes float16, bfloat16 or float32 x, got {x.dtype}")
+        if x.shape[-1] not in _SLSTM_TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head dims {_SLSTM_TRITON_HEAD_DIMS}, got x with head dim "
+                             f"{x.shape[-1]}; use backend='auto' to fall back to PyTorch")
+        return backend
+    if backend != "auto":
+        return backend
+    return "triton" if _slstm_triton_fits(x) else "recurrent"
+
+
 def slstm(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Tensor] = None,
           return_state: bool = True):
     """The sLSTM cell over a sequence.
@@ -232,8 +259,12 @@ def slstm(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Ten
         x: (B, S, 4, NH, DH) gate input pre-activations (W x_t), gates in the order (i, f, z, o).
         R: (4, NH, DH, DH) block-diagonal recurrent weights; gate g of head h receives h_{t-1} @ R[g, h].
         b: (4, NH, DH) gate biases.
-        state: optional (c, n, m, h), each (B, NH, DH); None is a fresh (zero) state.
-        backend: "auto", "reference" or "recurrent" (one batched matmul per step for all heads and gates).
+        state: optional (c, n, m, h), each (B, NH, DH); None is a fresh (zero) state. Where n == 0 (a fresh or
+            reset state) the state is empty: the stabiliser m starts from the first input gate, so that step is
+            exact for any input gate value.
+        backend: "auto", "reference", "recurrent" (one batched matmul per step for all heads and gates) or
+            "triton" (CUDA kernels, a persistent program per batch tile and head; head dims 16, 32, 64, 128, 256).
+            "auto" is "triton" on CUDA where the kernels apply, else "recurrent".
         resets: optional (B, S) bool; True at t clears the state before token t is read.
 
     Returns:
@@ -262,11 +293,15 @@ def slstm(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Ten
                 raise ValueError(f"state {name} is on {s.device} but x is on {device}")
         state = tuple(state)
     resets = _check_resets(resets, B, S, device)
-    if backend not in SLSTM_BACKENDS:
-        raise ValueError(f"backend must be one of {SLSTM_BACKENDS}, got {backend!r}")
-    if backend == "reference":
+    name = _pick_slstm_backend(backend, x)
+    if name == "triton" and S == 0:
+        name = "recurrent"  # nothing to run: the state passes through
+    if name == "reference":
         from .slstm_forms.reference import slstm_reference
         h, st = slstm_reference(x, R, b, state, resets)
+    elif name == "triton":
+        from .slstm_forms.triton import slstm_triton
+        h, st = slstm_triton(x, R, b, state, resets)
     else:
         from .slstm_forms.recurrent import slstm_recurrent
         h, st = slstm_recurrent(x, R, b, state, resets)

@@ -1,8 +1,13 @@
 """The sLSTM cell, step by step (shared/spec/XLSTM.md section 2), written to read like the equations.
 
-Gates in the order (i, f, z, o). Exponential input gate, sigmoid forget gate, stabilised with m as the mLSTM
-(m starts at 0 for a fresh state; the official code's m_1 = pre_i gives the same h). m gets no gradient: h does
-not depend on it.
+Gates in the order (i, f, z, o). Exponential input gate, sigmoid forget gate, stabilised with m as the mLSTM.
+m gets no gradient: h does not depend on it.
+
+An empty state (n == 0, elementwise: a fresh state, or one cleared by a reset; n > 0 in every other reachable
+state, and |c| <= n) carries nothing into the next step, so there the stabiliser starts from the input gate,
+m_t = pre_i (the official code's rule, per unit): the first step is exact for any input gate value, e.g.
+pre_i = -200 gives h = sigmoid(o) tanh(z), where m = 0 would underflow exp(pre_i) to 0. The m of an empty
+state is ignored.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ def zero_state(B: int, NH: int, DH: int, dtype, device) -> SLSTMState:
 def slstm_pointwise(pre_i, pre_f, pre_z, pre_o, c, n, m):
     """The gate nonlinearities and the state update, given the four pre-activations (all (B, NH, DH))."""
     log_f = F.logsigmoid(pre_f)
-    m_new = torch.maximum(log_f + m.detach(), pre_i).detach()
+    # an empty state's m is -inf: f_p = exp(-inf) = 0 exactly (no inf * 0, no NaN in the gradient), m_new = pre_i
+    m_prev = torch.where(n.detach() == 0, torch.full_like(m, float("-inf")), m.detach())
+    m_new = torch.maximum(log_f + m_prev, pre_i).detach()
     i_p = torch.exp(pre_i - m_new)
-    f_p = torch.exp(log_f + m.detach() - m_new)
+    f_p = torch.exp(log_f + m_prev - m_new)
     c_new = f_p * c + i_p * torch.tanh(pre_z)
     n_new = f_p * n + i_p
     # n > 0 always in exact arithmetic; the guard only catches an underflow of exp() to 0 (then c is 0 too).
