@@ -228,10 +228,17 @@ class XLSTMLM(XLSTMModelBase):
         return XLSTMState(tuple(blk.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks))
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
-                return_state: bool = True) -> CausalLMOutput:
+                return_state: bool = True, labels: Optional[torch.Tensor] = None,
+                loss_reduction: str = "mean") -> CausalLMOutput:
         """input_ids (B, S) int in [0, vocab_size); state from a previous call (or None); resets (B, S) bool,
         True at t clears the state (cells and conv windows) before token t. Returns float32 logits (B, S, V) and
-        the new state (None when ``return_state`` is False). The given state is never modified."""
+        the new state (None when ``return_state`` is False). The given state is never modified.
+
+        labels (B, S) int: the target of each position (already shifted: labels[:, t] is the token that should
+        follow input_ids[:, t]; -100 where no loss is wanted). With labels the output has ``loss`` (the cross
+        entropy, reduced by ``loss_reduction``: "mean" over counted positions, "sum" or "none") computed chunk
+        by chunk (:func:`fastxlstm.models.loss.chunked_cross_entropy`), and ``logits`` is None: the (B, S, V)
+        float32 logits are never formed."""
         ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
         B, S = ids.shape
         c = self.config
@@ -239,8 +246,11 @@ class XLSTMLM(XLSTMModelBase):
         new_blocks = []
         for idx, blk in enumerate(self.blocks):
             backend = c.mlstm_backend if isinstance(blk, MLSTMBlock) else c.slstm_backend
-            x, st = blk(x, state=None if state is None else state.blocks[idx], resets=resets, backend=backend,
-                        chunk_size=c.chunk_size)
+            x, st = self._run_block(blk, x, None if state is None else state.blocks[idx], resets, backend,
+                                    c.chunk_size)
             new_blocks.append(st)
-        logits = self.lm_head(self.out_norm(x)).float()
-        return CausalLMOutput(logits=logits, state=XLSTMState(tuple(new_blocks)) if return_state else None)
+        new_state = XLSTMState(tuple(new_blocks)) if return_state else None
+        hidden = self.out_norm(x)
+        if labels is not None:
+            return CausalLMOutput(logits=None, state=new_state, loss=self._lm_loss(hidden, labels, loss_reduction))
+        return CausalLMOutput(logits=self.lm_head(hidden).float(), state=new_state)
