@@ -261,7 +261,8 @@ def check_fast_vs_eager(model, S, tokens, V, device):
     errs = {n: rel(p.grad, g_ref[n]) for n, p in model.named_parameters() if n in g_ref and g_ref[n].norm() > 0}
     model.zero_grad(set_to_none=True)
     worst = max(errs, key=errs.get)
-    out = {"B": B, "S": S, "loss_eager": float(ref), "loss_fast": float(got), "loss_rel_err": rel(got, ref),
+    out = {"B": B, "S": S, "loss_eager": float(ref.detach()), "loss_fast": float(got.detach()),
+           "loss_rel_err": rel(got, ref),
            "grad_rel_err_max": errs[worst], "grad_rel_err_max_param": worst,
            "grad_rel_err_median": sorted(errs.values())[len(errs) // 2]}
     del g_ref
