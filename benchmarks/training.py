@@ -219,8 +219,8 @@ def error_record(e):
     import torch
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return {"status": "oom"}
-    if isinstance(e, BudgetExceeded):
-        return {"status": "timeout", "detail": str(e)}
+    if isinstance(e, BudgetExceeded) or "ran past its time" in str(e):  # also when raised inside a compiler
+        return {"status": "timeout", "detail": str(e)[-200:]}
     return {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
 
 
@@ -623,7 +623,8 @@ def plot(path):
     series = {}
     for r in res["results"]:
         if r.get("status") == "ok":
-            series.setdefault(f"{r['model']} {r['path']}", []).append((r["context"], r["tokens_per_s"] / 1e3,
+            label = r["model"] if r["path"] in (r["model"], "sdpa") else f"{r['model']} {r['path']}"
+            series.setdefault(label, []).append((r["context"], r["tokens_per_s"] / 1e3,
                                                                        r.get("peak_mem_gb")))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for label, pts in sorted(series.items()):

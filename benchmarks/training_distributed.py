@@ -52,8 +52,7 @@ def main(argv=None):
         args.tokens = 256 if args.tiny else single.TOKENS
 
     import torch
-    import torch.distributed as dist
-    from fastxlstm.train.distributed import all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+    from fastxlstm.train.distributed import init_distributed, shutdown
 
     info = init_distributed(args.device)
     device = info.device
@@ -75,65 +74,11 @@ def main(argv=None):
             print(msg, flush=True)
 
     for mode in [m for m in args.modes.split(",") if m]:
-        model = opt = None
-        rec = {"mode": mode}
-        try:
-            if mode in ("ddp", "fsdp") and not info.distributed:
-                raise RuntimeError("needs torchrun with several processes")
-            torch.manual_seed(0)
-            model = single.build_ours(args.model, device, args.tiny)
-            model.train()
-            if args.compile:
-                model.compile_blocks(dynamic=False)
-            wrapped = model if mode == "solo" else wrap_model(model, info, fsdp=(mode == "fsdp"))
-            kw = {"fused": True} if device.type == "cuda" and mode != "fsdp" else {}
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kw)
-            ids, labels = single.make_batch(B, S, V, device, seed=1000 + info.rank)
-
-            def step():
-                with single.autocast_ctx(device):
-                    loss = wrapped(ids, labels=labels, return_state=False).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach()
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            for _ in range(max(1, args.warmup)):
-                step()
-            single.sync(device)
-            rec["warmup_s"] = time.perf_counter() - t0
-            if info.distributed:
-                barrier(info)
-            t1 = time.perf_counter()
-            losses = [float(step()) for _ in range(args.steps)]
-            single.sync(device)
-            dt = (time.perf_counter() - t1) / args.steps
-            # the slowest rank sets the pace: report the max step time over ranks
-            t = torch.tensor([dt], dtype=torch.float64, device=device)
-            if info.distributed:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            dt = float(t[0])
-            rec.update(status="ok", step_s=dt, tokens_per_s_per_gpu=B * S / dt,
-                       tokens_per_s_total=B * S * (info.world_size if mode != "solo" else 1) / dt,
-                       loss_last=losses[-1])
-            if device.type == "cuda":
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        except Exception as e:  # noqa: BLE001
-            rec.update(single.error_record(e))
-            if info.is_main:
-                traceback.print_exc()
-        finally:
-            del model, opt
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        # every rank agrees whether the mode ran (a failure on one rank must not hang the others' next barrier)
-        ok = torch.tensor([1.0 if rec.get("status") == "ok" else 0.0], device=device)
-        all_reduce_sum(ok, info)
-        rec["ranks_ok"] = int(ok.item())
+        for use_compile in ([True, False] if args.compile else [False]):
+            rec = run_mode(mode, use_compile, args, info, device, V, S, B)
+            if rec.get("status") == "ok" or not use_compile or rec.get("status") == "oom":
+                break
+            log(f"{mode}: failed with compile_blocks ({rec.get('status')}); again with eager blocks")
         res["results"].append(rec)
         log(f"{mode:<5} " + (f"{rec['tokens_per_s_per_gpu'] / 1e3:.1f}k tok/s per GPU, "
                              f"{rec.get('peak_mem_gb', float('nan')):.1f} GB" if rec.get("status") == "ok"
@@ -149,6 +94,75 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         print(f"wrote {args.out}")
     shutdown(info)
+
+
+def run_mode(mode, use_compile, args, info, device, V, S, B):
+    """One mode ("solo", "ddp", "fsdp"): build, wrap, warm up, time. Returns the record (same on every rank)."""
+    import torch
+    import torch.distributed as dist
+    from fastxlstm.train.distributed import all_reduce_sum, barrier, wrap_model
+    model = opt = wrapped = None
+    rec = {"mode": mode, "compile_blocks": use_compile}
+    try:
+        if mode in ("ddp", "fsdp") and not info.distributed:
+            raise RuntimeError("needs torchrun with several processes")
+        torch.manual_seed(0)
+        model = single.build_ours(args.model, device, args.tiny)
+        model.train()
+        if use_compile:
+            model.compile_blocks(dynamic=False)
+        wrapped = model if mode == "solo" else wrap_model(model, info, fsdp=(mode == "fsdp"))
+        kw = {"fused": True} if device.type == "cuda" and mode != "fsdp" else {}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kw)
+        ids, labels = single.make_batch(B, S, V, device, seed=1000 + info.rank)
+
+        def step():
+            with single.autocast_ctx(device):
+                loss = wrapped(ids, labels=labels, return_state=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, args.warmup)):
+            step()
+        single.sync(device)
+        rec["warmup_s"] = time.perf_counter() - t0
+        if info.distributed:
+            barrier(info)
+        t1 = time.perf_counter()
+        losses = [float(step()) for _ in range(args.steps)]
+        single.sync(device)
+        dt = (time.perf_counter() - t1) / args.steps
+        # the slowest rank sets the pace: report the max step time over ranks
+        t = torch.tensor([dt], dtype=torch.float64, device=device)
+        if info.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dt = float(t[0])
+        rec.update(status="ok", step_s=dt, tokens_per_s_per_gpu=B * S / dt,
+                   tokens_per_s_total=B * S * (info.world_size if mode != "solo" else 1) / dt,
+                   loss_last=losses[-1])
+        if device.type == "cuda":
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    except Exception as e:  # noqa: BLE001
+        rec.update(single.error_record(e))
+        if info.is_main:
+            traceback.print_exc()
+    finally:
+        model = opt = wrapped = None  # noqa: F841 (free before the next mode)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # every rank agrees whether the mode ran (a failure on one rank must not hang the others' next barrier)
+    ok = torch.tensor([1.0 if rec.get("status") == "ok" else 0.0], device=device)
+    all_reduce_sum(ok, info)
+    rec["ranks_ok"] = int(ok.item())
+    if rec["ranks_ok"] < info.world_size and rec.get("status") == "ok":
+        rec["status"] = "error: failed on another rank"
+    return rec
 
 
 if __name__ == "__main__":
