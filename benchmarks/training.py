@@ -241,7 +241,6 @@ def check_fast_vs_eager(model, S, tokens, V, device):
     """One batch, after ``compile_blocks``: the eager path's loss and gradients (blocks run uncompiled for it,
     float32 logits + F.cross_entropy), then the fast path's (compiled blocks, chunked loss) on the same weights.
     Returns the relative errors (worst and median over the parameters)."""
-    import torch
     B = max(1, tokens // S)
     ids, labels = make_batch(B, S, V, device, seed=12345)
     was_compiled = [getattr(b, "_compiled_call_impl", None) for b in model.block_modules()]
@@ -299,7 +298,6 @@ def _category(name):
 
 def profile_step(kind, model, opt, S, tokens, V, device, fast, path):
     """One profiled step: the kernels by GPU time (top 30) and the shares per category, written to ``path``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     B = max(1, tokens // S)
     ids, labels = make_batch(B, S, V, device, seed=7)
