@@ -17,7 +17,7 @@ def _meta_count(config) -> int:
 def test_every_preset_count_matches_the_table():
     table = list_presets()
     assert set(table) >= {"tiny", "small", "125m", "125m-7-1", "350m", "350m-7-1", "760m", "760m-7-1", "1.3b",
-                          "1.3b-7-1", "7b", "7b-tiny"}
+                          "1.3b-7-1", "7b", "7b-tiny", "7b-160m", "7b-400m", "7b-1.4b"}
     for name, (desc, count) in table.items():
         assert isinstance(desc, str) and desc
         assert _meta_count(get_preset(name)) == count, name
@@ -31,6 +31,10 @@ def test_sizes_are_what_the_names_say():
         for variant in (name, name + "-7-1"):
             assert abs(counts[variant] / size - 1) < 0.03, variant
     assert counts["7b"] == 6_865_424_896  # the released xLSTM-7B
+    # the 7B architecture at the xLSTM-7B paper's scaling sizes (Table 2)
+    for name, size in (("7b-160m", 160e6), ("7b-400m", 400e6), ("7b-1.4b", 1.4e9)):
+        assert abs(counts[name] / size - 1) < 0.03, name
+    assert counts["7b-400m"] == 406_856_896  # E=1024, 24 blocks, 4 heads: the 406.9M
     assert get_preset("1.3b-7-1").slstm_at == (3, 5, 7, 40, 42, 44)
     assert get_preset("125m-7-1").slstm_at == (3, 20)
     assert get_preset("125m").slstm_at == () and get_preset("125m").vocab_size == 50304

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fast import compute_dtype_for
+
 __all__ = ["GatedFFN"]
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu}
@@ -33,6 +35,8 @@ class GatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"GatedFFN expects (..., {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        # one cast to the compute dtype for both up-projections (autocast would keep a copy per projection)
+        x = x.to(compute_dtype_for(x, self.proj_up.weight))
         return self.proj_down(_ACTS[self.activation](self.proj_up_gate(x)) * self.proj_up(x))
 
     def extra_repr(self) -> str:

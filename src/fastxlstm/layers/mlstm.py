@@ -19,6 +19,7 @@ from torch import nn
 
 from .state import MLSTMBlockState
 from ..ops import mlstm, mlstm_step
+from ._fast import cell_call, float_gate_linear, headwise_linear
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm
 
@@ -62,9 +63,9 @@ class HeadwiseLinear(nn.Module):
         small_init_(self.weight, in_features // num_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("...hd,hod->...ho", x.reshape(*x.shape[:-1], self.num_blocks, -1), self.weight)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        # the cheapest form for the block shape (see fastxlstm.layers._fast.headwise_linear); under autocast it
+        # computes in the autocast dtype like nn.Linear
+        return headwise_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, blocks={self.num_blocks}, bias={self.bias is not None}"
@@ -171,30 +172,31 @@ class MLSTMLayer(nn.Module):
         x_c, conv_state = self.conv1d(x_m, None if state is None else state.conv, resets)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
-        gate_in = torch.cat([q, k, v], dim=-1)
-        gd = _cell_dtype(x.dtype)
-        # gate pre-activations in float32 (NH outputs, cheap): exp(i) amplifies any bf16 rounding of them
-        gate_in = gate_in.to(gd)
-        i_pre = F.linear(gate_in, self.igate.weight.to(gd), self.igate.bias.to(gd))  # (B, S, NH)
-        f_pre = F.linear(gate_in, self.fgate.weight.to(gd), self.fgate.bias.to(gd))
+        # gate pre-activations from [q; k; v] in float32 (NH outputs each): exp(i) amplifies any bf16 rounding of
+        # them. One call for both gates; it keeps no concatenated or float32 copy of q, k, v for the backward
+        gates = float_gate_linear((q, k, v), torch.cat([self.igate.weight, self.fgate.weight], dim=0),
+                                  torch.cat([self.igate.bias, self.fgate.bias], dim=0))
+        i_pre, f_pre = gates.split(NH, dim=-1)  # (B, S, NH) each
         cell_state = None if state is None else (state.C, state.n, state.m)
         if S == 1:
             step_backend = "triton" if backend == "triton" else (
                 "auto" if backend == "auto" else "torch")
             h, (C, n, m) = mlstm_step(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
-                                         i_pre.view(B, NH), f_pre.view(B, NH), cell_state, eps=self.cell_eps,
-                                         backend=step_backend)
+                                      i_pre.reshape(B, NH), f_pre.reshape(B, NH), cell_state, eps=self.cell_eps,
+                                      backend=step_backend)
             h = h.view(B, 1, NH, DH)
         else:
             def heads(t):
                 return t.view(B, S, NH, DH).transpose(1, 2)
 
-            h, (C, n, m) = mlstm(heads(q), heads(k), heads(v), i_pre.transpose(1, 2), f_pre.transpose(1, 2),
-                                    state=cell_state, backend=backend, chunk_size=chunk_size, eps=self.cell_eps,
-                                    resets=resets)
+            h, (C, n, m) = cell_call(self, mlstm, heads(q), heads(k), heads(v), i_pre.transpose(1, 2),
+                                     f_pre.transpose(1, 2), state=cell_state, backend=backend,
+                                     chunk_size=chunk_size, eps=self.cell_eps, resets=resets)
             h = h.transpose(1, 2)  # (B, S, NH, DH)
-        h = self.outnorm(h).to(x.dtype)  # (B, S, I); normalised before rounding to a low-precision dtype
-        h = (h + self.learnable_skip * x_c) * F.silu(z)
+        # (B, S, I) in the projections' dtype (bf16 under autocast: x itself is float32 there, from the pre-norm,
+        # and casting to it would make float32 copies of every tensor below); normalised before the rounding
+        h = self.outnorm(h).to(x_c.dtype)
+        h = (h + self.learnable_skip.to(x_c.dtype) * x_c) * F.silu(z)
         return self.proj_down(h), MLSTMBlockState(C=C, n=n, m=m, conv=conv_state)
 
 

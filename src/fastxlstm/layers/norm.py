@@ -62,6 +62,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_last_dim("RMSNorm", x, self.dim)
         in_dtype = x.dtype
+        if self.force_float32 and in_dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
+            # the fused kernel reduces in float32 and rounds the normalised value once, keeping no float32 copy
+            # of x for the backward (autocast would run it in float32: it is off for this call)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.rms_norm(x, (self.dim,), None, self.eps)
+            return y * self.weight.to(in_dtype)
         xf = x.float() if (self.force_float32 and x.dtype in (torch.float16, torch.bfloat16)) else x
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return y.to(in_dtype) * self.weight.to(in_dtype)
@@ -95,6 +101,13 @@ class MultiHeadLayerNorm(nn.Module):
             raise ValueError(f"MultiHeadLayerNorm expects (..., {self.num_heads}, {self.head_dim}), "
                              f"got {tuple(getattr(x, 'shape', ()))}")
         in_dtype = x.dtype
+        if self.force_float32 and in_dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
+            # the fused kernel reduces in float32 and rounds the normalised value once, keeping only x (16-bit) and
+            # the per-head mean / rstd for the backward (autocast would run it in float32: off for this call)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.layer_norm(x, (self.head_dim,), None, None, self.eps)
+            y = y.reshape(*x.shape[:-2], self.num_heads * self.head_dim) * self.weight.to(in_dtype)
+            return y if self.bias is None else y + self.bias.to(in_dtype)
         xf = x.float() if (self.force_float32 and x.dtype in (torch.float16, torch.bfloat16)) else x
         xc = xf - xf.mean(dim=-1, keepdim=True)
         var = xc.pow(2).mean(dim=-1, keepdim=True)

@@ -19,6 +19,7 @@ from .state import SLSTMBlockState
 from ..ops import slstm
 from .conv import CausalConv1d
 from .ffn import GatedFFN
+from ._fast import cell_call, compute_dtype_for
 from .mlstm import HeadwiseLinear, _cell_dtype, round_up, small_init_, wang_init_
 from .norm import LayerNorm, MultiHeadLayerNorm
 
@@ -95,6 +96,7 @@ class SLSTMLayer(nn.Module):
         """x (B, S, E) (already normed) -> (y (B, S, E), new state). ``resets`` (B, S) bool."""
         B, S, E = x.shape
         NH, DH = self.num_heads, self.head_dim
+        x = x.to(compute_dtype_for(x, self.igate.weight))  # one cast for the conv and the z, o projections
         if self.conv1d is not None:
             x_c, conv_state = self.conv1d(x, None if state is None else state.conv, resets)
             x_c = F.silu(x_c)
@@ -105,8 +107,8 @@ class SLSTMLayer(nn.Module):
         # the CUDA kernels multiply 16-bit inputs on tensor cores (the values are the projections' either way)
         gates = gates.view(B, S, 4, NH, DH)
         cell_state = None if state is None else (state.c, state.n, state.m, state.h)
-        h, (c, n, m, h_last) = slstm(gates, self.recurrent_kernel, self.gate_bias,
-                                        state=cell_state, backend=backend, resets=resets)
+        h, (c, n, m, h_last) = cell_call(self, slstm, gates, self.recurrent_kernel, self.gate_bias,
+                                         state=cell_state, backend=backend, resets=resets)
         y = self.group_norm(h).to(x.dtype)  # (B, S, E)
         return y, SLSTMBlockState(c=c, n=n, m=m, h=h_last, conv=conv_state)
 

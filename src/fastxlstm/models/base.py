@@ -107,6 +107,80 @@ class XLSTMModelBase(nn.Module):
         return getattr(self, "lm_head", None)
 
     # ------------------------------------------------------------------------------------------------------
+    # training speed: compiled blocks, activation checkpointing, the chunked loss
+    # ------------------------------------------------------------------------------------------------------
+
+    #: recompute each block's activations in the backward instead of keeping them (torch.utils.checkpoint,
+    #: use_reentrant=False); only while gradients are being recorded. Set directly or with
+    #: :meth:`set_activation_checkpointing`.
+    gradient_checkpointing: bool = False
+    #: rows per chunk of the chunked cross entropy that ``forward(..., labels=...)`` computes
+    loss_chunk_size: int = 2048
+
+    def block_modules(self) -> nn.ModuleList:
+        """The residual blocks, in order."""
+        blocks = getattr(self, "blocks", None)
+        if blocks is None:
+            blocks = self.backbone.blocks
+        return blocks
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every block's forward in the backward (saves ~all activation memory, ~1/3 more compute).
+        Exact: loss and gradients equal those without it. Stateless training is the intended use; a given
+        state works too."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {enabled!r}")
+        self.gradient_checkpointing = enabled
+
+    def compile_blocks(self, dynamic: Optional[bool] = False, mode: Optional[str] = None,
+                       cells_in_graph: bool = False) -> None:
+        """torch.compile each block's forward in place (parameter names, hence checkpoints, are unchanged).
+
+        Inductor fuses what surrounds the cells (norms, gates, soft caps, the conv, SiLU gating, residual adds)
+        into a few kernels. The blocks of a model share one compiled graph per block type and input shape
+        (``dynamic=False`` specialises on the shape: a new (B, S) compiles again). The recurrent cells run
+        outside the graphs unless ``cells_in_graph`` (the mLSTM's Triton kernels and the sLSTM's step loop gain
+        nothing from Inductor; the sLSTM is always kept out: its loop over S would be unrolled).
+
+        Call once, after moving the model to its device; ``forward`` then runs the compiled blocks. The model
+        loop, the embedding and the loss stay eager.
+        """
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        # one compiled graph serves every block of a type, but each new input shape adds an entry per code
+        # object: allow a few shapes (the benchmark runs 4 contexts) before Dynamo falls back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < 32:
+                setattr(cfg, name, 32)
+        from ..layers.mlstm import MLSTMLayer
+        from ..layers.slstm import SLSTMLayer
+        from .xlstm_large import MLSTMLargeLayer
+        for blk in self.block_modules():
+            for mod in blk.modules():
+                if isinstance(mod, SLSTMLayer):
+                    mod._cell_outside_graph = True
+                elif isinstance(mod, (MLSTMLayer, MLSTMLargeLayer)):
+                    mod._cell_outside_graph = not cells_in_graph
+            blk.compile(dynamic=dynamic, mode=mode)
+
+    def _run_block(self, blk: nn.Module, *args):
+        """``blk(*args)``, under activation checkpointing when it is on and gradients are recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and self.training:
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+    def _lm_loss(self, hidden: torch.Tensor, labels, reduction: str, soft_cap=None) -> torch.Tensor:
+        from .loss import chunked_cross_entropy
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"labels must be a tensor of shape (B, S) = {tuple(hidden.shape[:-1])}, got "
+                             f"{tuple(getattr(labels, 'shape', ())) or type(labels).__name__}")
+        if labels.device != hidden.device:
+            raise ValueError(f"labels is on {labels.device} but the model is on {hidden.device}")
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, chunk=int(self.loss_chunk_size),
+                                     soft_cap=soft_cap, reduction=reduction)
+
+    # ------------------------------------------------------------------------------------------------------
     # input validation (shared by subclasses' forward)
     # ------------------------------------------------------------------------------------------------------
 

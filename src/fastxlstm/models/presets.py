@@ -13,6 +13,9 @@ separate MLP): 125M E=768 x 24, 350M E=1024 x 48, 760M E=1536 x 48, 1.3B E=2048 
 lists 350M with 24 blocks; that gives 205M parameters, so we use 48.) sLSTM positions of the [7:1] variants are
 the paper's where known ([3, 20] for 125M, [3, 5, 7, 40, 42, 44] for 1.3B, reused for the other 48-block models)
 and ``slstm_positions`` otherwise.
+
+The xLSTM-7B paper's scaling models (160M, 400M, 1.4B, besides the 7B) are the 7B architecture at smaller
+sizes: ``7b-160m``, ``7b-400m``, ``7b-1.4b`` (E, depth and heads in their descriptions).
 """
 from __future__ import annotations
 
@@ -61,6 +64,15 @@ PRESETS: Dict[str, Tuple[str, int, Callable[[], Any]]] = {
                  lambda: _paper(2560, 64, slstm_positions(64, (7, 1)))),
     "7b": ("xLSTM-7B: E=4096, 8 heads, 32 post-up-projection mLSTM blocks, vocab 50304, untied",
            6_865_424_896, lambda: _large()),
+    # the 7B architecture at the xLSTM-7B paper's scaling sizes (its Table 2); untied head, vocab 50304, 4 heads.
+    # 400M: E=1024, 24 blocks, 4 heads (406.9M). 160M halves the depth and takes E=768 (162.3M); 1.4B doubles
+    # the width of the 400M at the same depth (1.42B) and keeps 4 heads, so its head dims (256 / 512) are the 7B's
+    "7b-160m": ("7B architecture at the paper's 160M size: E=768, 12 blocks, 4 heads, vocab 50304, untied",
+                162_303_840, lambda: _large(hidden_size=768, num_hidden_layers=12, num_heads=4)),
+    "7b-400m": ("7B architecture at the paper's 400M size: E=1024, 24 blocks, 4 heads, vocab 50304, untied",
+                406_856_896, lambda: _large(hidden_size=1024, num_hidden_layers=24, num_heads=4)),
+    "7b-1.4b": ("7B architecture at the paper's 1.4B size: E=2048, 24 blocks, 4 heads, vocab 50304, untied",
+                1_420_839_104, lambda: _large(hidden_size=2048, num_hidden_layers=24, num_heads=4)),
     "7b-tiny": ("the 7B architecture at test size: E=64, 4 heads, 2 blocks, vocab 256", 140_752,
                 lambda: _large(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=4, chunk_size=16,
                                pad_token_id=None, bos_token_id=None, eos_token_id=None)),

@@ -17,6 +17,7 @@ import torch
 
 from torch import nn
 
+from ..layers._fast import cell_call, compute_dtype_for, float_gate_linear
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops import mlstm, mlstm_step
@@ -168,11 +169,18 @@ class MLSTMLargeLayer(nn.Module):
                 backend: str, return_state: bool):
         B, S, _ = x.shape
         NH = self.num_heads
+        # one cast to the compute dtype shared by the six projections (autocast would make, and keep for the
+        # backward, a copy of x per projection)
+        x = x.to(compute_dtype_for(x, self.q.weight))
         q = self.q(x).view(B, S, NH, self.qk_head_dim).transpose(1, 2)
         k = self.k(x).view(B, S, NH, self.qk_head_dim).transpose(1, 2)
         v = self.v(x).view(B, S, NH, self.v_head_dim).transpose(1, 2)
-        i = soft_cap(self.igate_preact(x), self.gate_soft_cap).transpose(1, 2)  # (B, NH, S)
-        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap).transpose(1, 2)
+        # both gates' pre-activations in one float32 call (NH outputs each; no float32 copy of x kept), soft-capped
+        # in float32: exp(i) amplifies any bf16 rounding of them
+        gates = float_gate_linear((x,), torch.cat([self.igate_preact.weight, self.fgate_preact.weight], dim=0),
+                                  torch.cat([self.igate_preact.bias, self.fgate_preact.bias], dim=0))
+        gates = soft_cap(gates, self.gate_soft_cap).transpose(1, 2)  # (B, 2 NH, S)
+        i, f = gates[:, :NH], gates[:, NH:]
         cell_state = None if state is None else (state.C, state.n, state.m)
         if S == 1 and cell_state is not None:
             # decoding: the step form reads and writes the state once; a reset row starts from a fresh state
@@ -186,8 +194,8 @@ class MLSTMLargeLayer(nn.Module):
                                             cell_state, eps=self.eps)
             h = h.unsqueeze(2)
         else:
-            h, (C, n, m) = mlstm(q, k, v, i, f, state=cell_state, backend=backend,
-                                        chunk_size=self.chunk_size, eps=self.eps, resets=resets)
+            h, (C, n, m) = cell_call(self, mlstm, q, k, v, i, f, state=cell_state, backend=backend,
+                                     chunk_size=self.chunk_size, eps=self.eps, resets=resets)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
         y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
         return y, (MLSTMBlockState(C=C, n=n, m=m) if return_state else None)
@@ -295,25 +303,38 @@ class XLSTMLarge(XLSTMModelBase):
         return XLSTMState(blocks)
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
-                return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0) -> CausalLMOutput:
-        """input_ids (B, S) int; state (or None); resets (B, S) bool. Returns float32 logits (B, S, V), or only the
-        last ``logits_to_keep`` positions when it is > 0, and the state after the last token."""
+                return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0,
+                labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean") -> CausalLMOutput:
+        """input_ids (B, S) int; state (or None); resets (B, S) bool; ``backend`` overrides the model's. Returns
+        float32 logits (B, S, V), or only the last ``logits_to_keep`` positions when it is > 0, and the state
+        after the last token.
+
+        labels (B, S) int, already shifted (labels[:, t] follows input_ids[:, t]; -100: no loss): the output then
+        has ``loss`` (soft-capped logits' cross entropy, reduced by ``loss_reduction``: "mean", "sum", "none")
+        from :func:`fastxlstm.models.loss.chunked_cross_entropy`, and ``logits`` is None (never formed)."""
         ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
-        return self._forward(ids, state, resets, return_state, backend, check_logits_to_keep(logits_to_keep))
+        return self._forward(ids, state, resets, return_state, backend, check_logits_to_keep(logits_to_keep),
+                             labels, loss_reduction)
 
     def _forward(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
-                 return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0
-                 ) -> CausalLMOutput:
+                 return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0,
+                 labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
         backend = backend or self.backend or "auto"
         x = self.backbone.embeddings(ids)
         new_blocks = []
         for idx, blk in enumerate(self.backbone.blocks):
-            x, st = blk(x, None if state is None else state.blocks[idx], resets, backend, return_state)
+            x, st = self._run_block(blk, x, None if state is None else state.blocks[idx], resets, backend,
+                                    return_state)
             new_blocks.append(st)
+        new_state = XLSTMState(tuple(new_blocks)) if return_state else None
+        if labels is not None:
+            x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
+            loss = self._lm_loss(x, labels, loss_reduction, soft_cap=self.config.output_logit_soft_cap)
+            return CausalLMOutput(logits=None, state=new_state, loss=loss)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = self.backbone.out_norm(x)
-        logits = self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+        x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
+        logits = self.lm_head(x).float()
         logits = soft_cap(logits, self.config.output_logit_soft_cap)
-        return CausalLMOutput(logits=logits, state=XLSTMState(tuple(new_blocks)) if return_state else None)
+        return CausalLMOutput(logits=logits, state=new_state)

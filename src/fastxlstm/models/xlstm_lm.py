@@ -228,26 +228,38 @@ class XLSTMLM(XLSTMModelBase):
         return XLSTMState(tuple(blk.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks))
 
     def forward(self, input_ids, state: Optional[XLSTMState] = None, resets: Optional[torch.Tensor] = None,
-                return_state: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
+                return_state: bool = True, logits_to_keep: int = 0, labels: Optional[torch.Tensor] = None,
+                loss_reduction: str = "mean") -> CausalLMOutput:
         """input_ids (B, S) int in [0, vocab_size); state from a previous call (or None); resets (B, S) bool,
         True at t clears the state (cells and conv windows) before token t. Returns float32 logits (B, S, V) (only
         the last ``logits_to_keep`` positions when it is > 0: (B, logits_to_keep, V), e.g. 1 for a prefill) and the
-        new state (None when ``return_state`` is False). The given state is never modified."""
+        new state (None when ``return_state`` is False). The given state is never modified.
+
+        labels (B, S) int: the target of each position (already shifted: labels[:, t] is the token that should
+        follow input_ids[:, t]; -100 where no loss is wanted). With labels the output has ``loss`` (the cross
+        entropy, reduced by ``loss_reduction``: "mean" over counted positions, "sum" or "none") computed chunk
+        by chunk (:func:`fastxlstm.models.loss.chunked_cross_entropy`), and ``logits`` is None: the (B, S, V)
+        float32 logits are never formed."""
         ids, resets, state = self.check_forward_inputs(input_ids, state, resets)
-        return self._forward(ids, state, resets, return_state, check_logits_to_keep(logits_to_keep))
+        return self._forward(ids, state, resets, return_state, check_logits_to_keep(logits_to_keep), labels,
+                             loss_reduction)
 
     def _forward(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
-                 return_state: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
+                 return_state: bool = True, logits_to_keep: int = 0, labels: Optional[torch.Tensor] = None,
+                 loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
         c = self.config
         x = self.token_embedding(ids)
         new_blocks = []
         for idx, blk in enumerate(self.blocks):
             backend = c.mlstm_backend if isinstance(blk, MLSTMBlock) else c.slstm_backend
-            x, st = blk(x, state=None if state is None else state.blocks[idx], resets=resets, backend=backend,
-                        chunk_size=c.chunk_size)
+            x, st = self._run_block(blk, x, None if state is None else state.blocks[idx], resets, backend,
+                                    c.chunk_size)
             new_blocks.append(st)
+        new_state = XLSTMState(tuple(new_blocks)) if return_state else None
+        if labels is not None:
+            return CausalLMOutput(logits=None, state=new_state,
+                                  loss=self._lm_loss(self.out_norm(x), labels, loss_reduction))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.out_norm(x)).float()
-        return CausalLMOutput(logits=logits, state=XLSTMState(tuple(new_blocks)) if return_state else None)
+        return CausalLMOutput(logits=self.lm_head(self.out_norm(x)).float(), state=new_state)

@@ -1,0 +1,117 @@
+"""Small building blocks that keep a bf16 training step lean (no float32 copies of activations kept for backward,
+no transposes around tiny batched matmuls). Each computes exactly the function of its plain form; the layers'
+tests compare them with it in float64.
+
+- :func:`headwise_linear`: a block-diagonal linear map, in the cheapest form for its block shape.
+- :func:`float_gate_linear`: a linear map with FEW outputs (the cells' gate pre-activations) computed and returned
+  in float32 from low-precision inputs, keeping only the inputs (which the cell keeps anyway) for the backward.
+- :func:`cell_call`: call a cell either in place or, for blocks compiled by ``compile_blocks``, outside the graph.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["compute_dtype_for", "headwise_linear", "float_gate_linear", "cell_call"]
+
+
+def compute_dtype_for(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype a plain ``F.linear(x, w)`` computes in: the autocast dtype when autocast is on for x's device,
+    otherwise the promotion of the two dtypes."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, w.dtype)
+
+
+# a block this small (in * out elements) is applied as broadcast multiply + sum: a batched matmul with K = 4 runs
+# at a fraction of the tensor cores' rate and needs the input transposed to (blocks, tokens, 4) and back
+_ELEMENTWISE_MAX_BLOCK = 64
+# with this few blocks a dense matmul with the block-diagonal weight (num_blocks times the FLOPs) beats the
+# batched matmul's transposes
+_DENSE_MAX_BLOCKS = 4
+
+
+def headwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-diagonal linear map. x (..., NB * DI), weight (NB, DO, DI) -> (..., NB * DO):
+    ``y[..., b, o] = sum_d x[..., b, d] * weight[b, o, d]`` (+ bias (NB * DO,)).
+
+    Forms: tiny blocks (DI * DO <= 64, the mLSTM's 4 x 4) as broadcast multiply + sum over the block (no
+    transposes; torch.compile fuses it into one pass over x); few blocks (<= 4, the sLSTM's per-head gates) as one
+    dense matmul with the block-diagonal weight; otherwise a batched einsum. Under autocast the weight is cast to
+    the autocast dtype, as ``F.linear`` would.
+    """
+    NB, DO, DI = weight.shape
+    lead = x.shape[:-1]
+    cd = compute_dtype_for(x, weight)
+    if DI * DO <= _ELEMENTWISE_MAX_BLOCK:
+        xs = x.to(cd).reshape(*lead, NB, 1, DI)
+        y = (xs * weight.to(cd)).sum(-1)  # (..., NB, DO)
+        y = y.reshape(*lead, NB * DO)
+    elif NB <= _DENSE_MAX_BLOCKS:
+        w = weight.to(cd)
+        dense = torch.block_diag(*w.unbind(0)) if NB > 1 else w[0]  # (NB * DO, NB * DI)
+        y = F.linear(x.to(cd), dense)
+    else:
+        y = torch.einsum("...hd,hod->...ho", x.to(cd).reshape(*lead, NB, DI), weight.to(cd))
+        y = y.reshape(*lead, NB * DO)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class _FloatGateLinear(torch.autograd.Function):
+    """y = bias + sum_j x_j @ W_j^T in float32 (float64 if any input is), W = [W_1 | W_2 | ...] split along its
+    columns by the widths of the x_j. Saves only the x_j as given (no float32 copies) and the weight."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, *xs):
+        acc = torch.promote_types(torch.float32, weight.dtype)
+        for x in xs:
+            acc = torch.promote_types(acc, x.dtype)
+        widths = [x.shape[-1] for x in xs]
+        with torch.autocast(xs[0].device.type, enabled=False):
+            ws = weight.to(acc).split(widths, dim=1)
+            y = bias.to(acc).expand(*xs[0].shape[:-1], weight.shape[0])
+            for x, w in zip(xs, ws):
+                y = y + F.linear(x.to(acc), w)
+        ctx.save_for_backward(weight, *xs)
+        ctx.widths, ctx.acc, ctx.bias_dtype = widths, acc, bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, *xs = ctx.saved_tensors
+        acc = ctx.acc
+        g2 = gy.to(acc).reshape(-1, gy.shape[-1])  # (N, G)
+        gxs, gws = [], []
+        with torch.autocast(xs[0].device.type, enabled=False):
+            for j, (x, w) in enumerate(zip(xs, weight.to(acc).split(ctx.widths, dim=1))):
+                gxs.append((gy.to(acc) @ w).to(x.dtype) if ctx.needs_input_grad[2 + j] else None)
+                gws.append(g2.t() @ x.to(acc).reshape(-1, x.shape[-1]))
+            gw = torch.cat(gws, dim=1).to(weight.dtype)
+            gb = g2.sum(0).to(ctx.bias_dtype)
+        return (gw, gb, *gxs)
+
+
+def float_gate_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Gate pre-activations ``bias + cat(xs, -1) @ weight.T`` in float32 (float64 for float64 inputs).
+
+    xs: tensors (..., K_j) of one leading shape (any float dtype, e.g. bf16 activations); weight (G, sum K_j);
+    bias (G,). Returns (..., G). Unlike ``F.linear(torch.cat(xs, -1).float(), ...)`` it keeps no concatenated or
+    float32 copy of the inputs for the backward (only float32 transients, one input at a time).
+    """
+    return _FloatGateLinear.apply(weight, bias, *xs)
+
+
+@torch.compiler.disable
+def _outside_graph(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def cell_call(module: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, run outside any torch.compile graph when ``module._cell_outside_graph`` is set
+    (``compile_blocks`` sets it: the cells are Triton kernels or a step loop, both better left to run eagerly)."""
+    if getattr(module, "_cell_outside_graph", False):
+        return _outside_graph(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
