@@ -99,7 +99,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     assert covered == set(specs), f"CLI misses TrainConfig fields: {set(specs) - covered}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser. ``command``: the subcommand about to be parsed; for another one than train the train
+    options (which import the training package) are left out, so inference commands never import training."""
     parser = _Parser(prog=_PROG, formatter_class=_Formatter,
                      description="xLSTM (mLSTM + sLSTM) in PyTorch: train, sample and evaluate language models.",
                      epilog="Run 'fastxlstm COMMAND --help' for the options of each command.")
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--out DIR --resume. Precedence: defaults < --config FILE < flags.\n\n"
                                    "Several processes: torchrun --nproc-per-node N -m fastxlstm train ... (DDP, or\n"
                                    "FSDP2 with --fsdp); only rank 0 logs and writes.")
-    _add_train_args(p)
+    if command in (None, "train"):
+        _add_train_args(p)
 
     g = sub.add_parser("generate", help="sample text from a trained model, streaming it to the terminal",
                        formatter_class=_Formatter,
@@ -208,73 +211,23 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _find_model_dir(path: str):
-    """(directory holding config.json + weights, or None; checkpoint directory, or None) for --model."""
-    from .train.checkpoint import latest_checkpoint
-    from .train.trainer import resolve_run_dir
-    path = resolve_run_dir(path)
-    if not os.path.exists(path):
-        raise UsageError(f"--model {path}: no such directory")
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: not a directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    if os.path.isfile(os.path.join(path, "model", "config.json")):
-        return os.path.join(path, "model"), None
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return None, path
-    ck = latest_checkpoint(os.path.join(path, "checkpoints"))
-    if ck is not None:
-        return None, ck
-    raise UsageError(f"--model {path}: no config.json, model/ or checkpoints/ found (not a model or run directory)")
-
-
 def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Optional[str]):
+    """(model, tokenizer) for --model / --tokenizer (see fastxlstm.loading)."""
     import torch
-    from .data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
-    from .train.trainer import config_from_dict, resolve_run_dir
+    from .loading import find_model_dir, load_model_and_tokenizer, resolve_run_dir
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype_name]
-    model_dir, ckpt_dir = _find_model_dir(path)
-    if model_dir is not None:
-        from .models.io import from_pretrained
-        model = from_pretrained(model_dir, device=device, dtype=dtype)
-        tok_dirs = [model_dir, os.path.dirname(os.path.abspath(model_dir))]
-    else:
-        from .models.presets import build_model
-        from .train.checkpoint import load_checkpoint
-        model_sd, _, _, _, mcfg = load_checkpoint(ckpt_dir, load_optimizer=False)
-        with torch.device("meta"):
-            model = build_model(config_from_dict(mcfg["config"]))
-        model.load_state_dict(model_sd, assign=True, strict=True)
-        model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
-        tok_dirs = [ckpt_dir, os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))]
-    if tokenizer_path is not None:
-        if not os.path.exists(tokenizer_path):
-            raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
-        tok = HFTokenizer.from_file(tokenizer_path)
-    else:
-        tok = None
-        for d in tok_dirs:
-            if os.path.isfile(os.path.join(d, "tokenizer.json")) or \
-                    os.path.isfile(os.path.join(d, "tokenizer_config.json")):
-                tok = load_tokenizer(d)
-                if isinstance(tok, ByteTokenizer) and os.path.isfile(os.path.join(d, "tokenizer_config.json")):
-                    import json
-                    with open(os.path.join(d, "tokenizer_config.json"), encoding="utf-8") as f:
-                        kind = json.load(f).get("type")
-                    if kind != "bytes":  # a transformers tokenizer_config.json without its tokenizer.json
-                        tok = None
-                        continue
-                break
-        if tok is None:
-            if model.vocab_size == 256:
-                tok = ByteTokenizer()
-            else:
-                raise UsageError(f"--model {path}: no tokenizer.json beside the model (vocab {model.vocab_size}); "
-                                 f"pass --tokenizer PATH")
-    if tok.vocab_size > model.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size}")
-    return model, tok
+    try:
+        find_model_dir(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"--model {e}") from None
+    if tokenizer_path is not None and not os.path.exists(tokenizer_path):
+        raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
+    try:
+        return load_model_and_tokenizer(path, device=device, dtype=dtype, tokenizer=tokenizer_path)
+    except FileNotFoundError as e:
+        if "tokenizer" in str(e):
+            raise UsageError(f"--model {e}; pass --tokenizer PATH") from None
+        raise
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -293,10 +246,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if prompt == "":
         raise UsageError("the prompt is empty")
-    from .train.distributed import pick_device
+    from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
-    from .train.trainer import sample_text
+    from .generation.text import sample_text
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -315,11 +268,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise UsageError("--seq-len and --batch-size must be >= 1, --max-tokens >= 0")
     if ns.data is not None and not os.path.exists(ns.data):
         raise UsageError(f"--data {ns.data}: no such file or directory")
-    from .train.distributed import pick_device
+    from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
     from .data.corpus import load_corpus, load_memmap, load_text_documents, _encode_docs
-    from .train.evaluation import evaluate_stream
+    from .evaluation import evaluate_stream
     if ns.data is None:
         stream = load_corpus(None, tok).eval
         what = "held-out split of the standard-library corpus"
@@ -359,10 +312,8 @@ def cmd_presets(ns: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastxlstm`` script; returns the exit code (2 for usage errors)."""
-    parser = build_parser()
+    parser = build_parser(argv_command(argv) or None)
     debug = os.environ.get("FASTXLSTM_DEBUG", "") not in ("", "0")
-    from .data.corpus import CorpusError
-    from .train.checkpoint import CheckpointError
     try:
         ns = parser.parse_args(argv)
         if ns.command is None:
@@ -376,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog = f"{_PROG} {argv_command(argv)}".strip()
         print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # CorpusError, CheckpointError included
         if debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -386,8 +337,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        from .train.trainer import NonFiniteLoss
-        if isinstance(e, NonFiniteLoss) and not debug:
+        trainer = sys.modules.get("fastxlstm.train.trainer")  # never imported by the inference commands
+        if trainer is not None and isinstance(e, trainer.NonFiniteLoss) and not debug:
             print(f"{_PROG}: error: {e}", file=sys.stderr)
             return 1
         raise

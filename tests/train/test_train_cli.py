@@ -86,7 +86,7 @@ def test_eval_carries_state_like_one_long_call(tmp_path):
     """evaluate_stream with small chunks == one call over everything (state carried, resets honoured)."""
     from fastxlstm.data.corpus import TokenStream
     from fastxlstm.models.presets import build_model
-    from fastxlstm.train.evaluation import evaluate_stream
+    from fastxlstm.evaluation import evaluate_stream
     import numpy as np
     torch.manual_seed(0)
     model = build_model("tiny").double()
