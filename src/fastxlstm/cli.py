@@ -51,7 +51,7 @@ def _parse_kv(text: str):
     return key.strip().replace("-", "_"), value
 
 
-_METAVARS = {"preset": "NAME", "data": "PATH", "tokenizer": "PATH", "out": "DIR", "device": "DEVICE",
+_METAVARS = {"preset": "NAME", "init_from": "DIR", "data": "PATH", "tokenizer": "PATH", "out": "DIR", "device": "DEVICE",
              "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
 
 
@@ -65,7 +65,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values parsed as YAML: 3, 0.5, [1, 3], true)")
     p.add_argument("--stdlib", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     groups = {
-        "model and data": ("preset", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
+        "model and data": ("preset", "init_from", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
         "optimisation": ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio",
                          "weight_decay", "beta1", "beta2", "grad_clip", "precision", "compile", "seed"),
         "evaluation, checkpoints and output": ("eval_every", "eval_windows", "log_every", "save_every",
@@ -190,6 +190,20 @@ def _train_config(ns: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _given_fields(ns: argparse.Namespace) -> set:
+    """The TrainConfig fields set on this command line or in its --config file (argparse leaves the others out)."""
+    from .train.config import load_config_file
+    given = {k for k in vars(ns) if k not in ("command", "config", "model_config", "stdlib")}
+    if hasattr(ns, "config"):
+        file_values = load_config_file(ns.config)
+        given |= set(file_values) - {"model"}
+        if file_values.get("model"):
+            given.add("model")
+    if getattr(ns, "model_config", None):
+        given.add("model")
+    return given
+
+
 def _check_train_inputs(cfg) -> None:
     """Cheap checks before anything slow, so typos fail in a second with one line."""
     from .models.presets import list_presets
@@ -199,15 +213,28 @@ def _check_train_inputs(cfg) -> None:
         raise UsageError(f"--data {cfg.data}: no such file or directory")
     if cfg.tokenizer not in ("bytes", "byte") and not os.path.exists(cfg.tokenizer):
         raise UsageError(f"--tokenizer {cfg.tokenizer}: no such file (use 'bytes' or a tokenizer.json)")
-    if cfg.stop_at is not None and cfg.stop_at >= cfg.steps:
+    if cfg.stop_at is not None and cfg.stop_at >= cfg.steps and not cfg.resume:
         raise UsageError(f"--stop-at {cfg.stop_at} must be below --steps {cfg.steps}")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise UsageError(f"--init-from {cfg.init_from}: no such directory")
+
+
+# exit codes of a training run that stopped early with a resumable checkpoint
+EXIT_STOP_AT = 3          # --stop-at N reached (single process; 0 under torchrun)
+EXIT_SIGNAL_BASE = 128    # + the signal number: 130 after Ctrl-C (SIGINT), 143 after SIGTERM
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _train_config(ns)
     _check_train_inputs(cfg)
     from .train.trainer import train
-    train(cfg)
+    summary = train(cfg, given=_given_fields(ns))
+    if summary.get("stopped"):
+        if summary.get("signal"):
+            import signal
+            return EXIT_SIGNAL_BASE + int(getattr(signal, summary["signal"]))
+        # under torchrun a non-zero worker exit is a failure to the elastic agent (which may restart it): 0
+        return EXIT_STOP_AT if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else 0
     return 0
 
 
@@ -319,6 +346,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command is None:
             parser.print_help()
             return 2
+        if ns.command in ("train", "generate", "eval", "chat", "convert"):
+            from .runtime import configure_cpu  # before torch is imported: the OpenMP wait policy
+            configure_cpu(getattr(ns, "threads", None))
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
                 "presets": cmd_presets}[ns.command](ns)
     except UsageError as e:

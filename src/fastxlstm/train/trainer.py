@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from ..generation.text import sample_text
 from ..loading import config_from_dict, resolve_run_dir
 from . import checkpoint as ckpt
 from . import rundir
-from .config import TrainConfig
+from .config import TrainConfig, given_fields, merge_resume_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_str, init_distributed, shutdown, wrap_model
 from .optim import build_optimizer, lr_at, optimizer_groups, set_lr
 
@@ -149,6 +149,7 @@ def _set_threads(cfg: TrainConfig, info: DistInfo) -> None:
 
 class _Run:
     """Everything a run holds between steps (built by :func:`_setup`)."""
+    cfg: TrainConfig            # the run's configuration (on resume: the saved one plus safe changes)
     out: str
     ckpt_root: str
     tokenizer: Any
@@ -172,8 +173,8 @@ class _Run:
     t_loop: float = 0.0
 
 
-def _open_run_dir(cfg: TrainConfig, info: DistInfo, run: _Run) -> Optional[str]:
-    """Pick and create the run directory; returns the checkpoint to resume from (or None)."""
+def _open_run_dir(cfg: TrainConfig, info: DistInfo, run: _Run) -> Tuple[Optional[str], bool]:
+    """Pick and create the run directory; returns (the checkpoint to resume from or None, created here)."""
     run.out = broadcast_str(rundir.choose_run_dir(cfg.out, cfg.resume), info)
     run.ckpt_root = os.path.join(run.out, "checkpoints")
     resume_from = None
@@ -184,10 +185,24 @@ def _open_run_dir(cfg: TrainConfig, info: DistInfo, run: _Run) -> Optional[str]:
     elif ckpt.list_checkpoints(run.ckpt_root):
         raise ValueError(f"--out {run.out} already holds a run with checkpoints; pass --resume to continue it or "
                          f"choose another --out")
+    created = not os.path.exists(run.out)
     if info.is_main:
         os.makedirs(run.out, exist_ok=True)
     barrier(info)
-    return resume_from
+    return resume_from, created
+
+
+def _saved_config(out: str, trainer_state: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's settings: as saved in the checkpoint, else train_config.json."""
+    saved = trainer_state.get("train_config")
+    if isinstance(saved, dict):
+        return saved
+    path = os.path.join(out, "train_config.json")
+    if os.path.isfile(path):
+        import json
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    raise ValueError(f"--resume: {out} has no train_config.json and its checkpoint holds no settings")
 
 
 def _load_tokenizer(cfg: TrainConfig, info: DistInfo, out: str):
@@ -205,28 +220,43 @@ def _load_tokenizer(cfg: TrainConfig, info: DistInfo, out: str):
     return resolve_tokenizer(cfg.tokenizer)
 
 
-def _setup(cfg: TrainConfig, info: DistInfo) -> _Run:
+def _setup(cfg: TrainConfig, info: DistInfo, given, run: _Run) -> _Run:
     device = info.device
     _set_threads(cfg, info)
-    if cfg.precision == "bf16" and device.type != "cuda":
-        raise ValueError("--precision bf16 autocast is for CUDA devices; use fp32 on the CPU")
-    run = _Run()
-    resume_from = _open_run_dir(cfg, info, run)
+    resume_from, run.created = _open_run_dir(cfg, info, run)
 
-    # resume: read the checkpoint first (it fixes the model config and tokenizer)
+    # resume: read the checkpoint first (it fixes the settings, the model config and the tokenizer)
     loaded = None
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
+        cfg, notes = merge_resume_config(_saved_config(run.out, loaded[3]), cfg,
+                                         given_fields(cfg) if given is None else set(given))
+        for note in notes:
+            _log(info, f"resume: {note}")
         if int(loaded[3]["step"]) >= cfg.steps:
             raise ValueError(f"--resume: the checkpoint {resume_from} is at step {loaded[3]['step']}, which is not "
                              f"below --steps {cfg.steps}; pass a larger --steps to train further")
-        _log(info, f"resuming from {resume_from} (step {loaded[3]['step']})")
+        _log(info, f"resuming from {resume_from} (step {loaded[3]['step']} of {cfg.steps})")
+    run.cfg = cfg
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError("--precision bf16 autocast is for CUDA devices; use fp32 on the CPU")
+    if cfg.init_from is not None and loaded is None:
+        for name in ("preset", "model"):
+            if name in (given_fields(cfg) if given is None else set(given)):
+                raise ValueError(f"--init-from takes the architecture of {cfg.init_from}; "
+                                 f"--{name.replace('model', 'model-config')} does not apply")
 
     # seeds, tokenizer, data
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2 ** 32)
     random.seed(cfg.seed)
-    run.tokenizer = _load_tokenizer(cfg, info, run.out)
+    init_model = None
+    if cfg.init_from is not None and loaded is None:
+        from ..loading import from_pretrained, load_tokenizer_for
+        init_model = from_pretrained(cfg.init_from, device=device).float().train()
+        run.tokenizer = load_tokenizer_for(cfg.init_from, init_model.vocab_size)
+    else:
+        run.tokenizer = _load_tokenizer(cfg, info, run.out)
     run.corpus = load_corpus(cfg.data, run.tokenizer, dtype=cfg.data_dtype, eod_token=cfg.eod_token)
     _log(info, f"data: {run.corpus.description}")
     run.token_bytes = torch.from_numpy(run.tokenizer.token_bytes()).to(torch.float64)
@@ -235,16 +265,22 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> _Run:
     from ..models.presets import build_model
     if loaded is not None:
         run.model_cfg = config_from_dict(loaded[4]["config"])
+    elif init_model is not None:
+        run.model_cfg = init_model.config
     else:
         run.model_cfg = build_model_config(cfg.preset, cfg.model, run.tokenizer.vocab_size)
     if run.model_cfg.vocab_size < run.tokenizer.vocab_size:
         raise ValueError(f"the model's vocab_size {run.model_cfg.vocab_size} < the tokenizer's "
                          f"{run.tokenizer.vocab_size}")
-    with torch.device(device):
-        model = build_model(run.model_cfg)
+    if init_model is not None:
+        model = init_model
+    else:
+        with torch.device(device):
+            model = build_model(run.model_cfg)
     run.n_params = model.num_parameters() if hasattr(model, "num_parameters") else \
         sum(p.numel() for p in model.parameters())
-    origin = "from the checkpoint" if loaded is not None else f"{cfg.preset} preset"
+    origin = "from the checkpoint" if loaded is not None else \
+        f"from {cfg.init_from}" if init_model is not None else f"{cfg.preset} preset"
     _log(info, f"model: {type(model).__name__} {run.n_params:,} parameters ({origin}); "
                f"device {device}, world size {info.world_size}{', FSDP2' if cfg.fsdp else ''}")
     run.fwd = wrap_model(model, info, cfg.fsdp)       # FSDP2: in place; single process: the model itself
@@ -268,12 +304,6 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> _Run:
                        f"the data order continues from the saved position")
         del loaded, model_sd, optim_sd
 
-    if info.is_main:
-        cfg.save(os.path.join(run.out, "train_config.json"))
-        run.tokenizer.save(run.out)
-        # runs/latest moves only once a run has got this far (data and model are fine)
-        if cfg.out is None or os.path.basename(os.path.dirname(os.path.abspath(run.out))) == DEFAULT_RUNS_ROOT:
-            rundir.update_latest(run.out)
     run.sampler = WindowSampler(run.corpus.train, cfg.seq_len, cfg.batch_size, cfg.grad_accum, info.world_size,
                                 info.rank, cfg.seed)
     run.eval_len = min(cfg.seq_len, len(run.corpus.eval) - 1)
@@ -281,6 +311,12 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> _Run:
     run.metrics = rundir.MetricsLog(os.path.join(run.out, "metrics.jsonl"), run.start_step if cfg.resume else None,
                                     os.path.join(run.out, "tensorboard") if cfg.tensorboard else None) \
         if info.is_main else None
+    if info.is_main:
+        cfg.save(os.path.join(run.out, "train_config.json"))  # on resume: the saved settings + the safe changes
+        run.tokenizer.save(run.out)
+        # runs/latest moves only once a run has got this far (data and model are fine)
+        if cfg.out is None or os.path.basename(os.path.dirname(os.path.abspath(run.out))) == DEFAULT_RUNS_ROOT:
+            rundir.update_latest(run.out)
     run.last_good = ckpt.latest_checkpoint(run.ckpt_root)
     return run
 
@@ -324,20 +360,35 @@ def _save(run: _Run, cfg: TrainConfig, info: DistInfo, step: int) -> Optional[st
 # the loop
 # ----------------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, step_callback: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, step_callback: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+          given: Optional[Iterable[str]] = None) -> Dict[str, Any]:
     """Run (or resume) training as described by ``cfg``; returns a summary dict (run_dir, bpb at start/end,
-    steps, tokens, seconds, sample). Raises NonFiniteLoss, CorpusError/ValueError (bad input),
-    CheckpointError (bad checkpoint). ``step_callback(step, record)`` is called after every step (tests)."""
+    steps, tokens, seconds, sample; "stopped" and "signal" when it stopped early). Raises NonFiniteLoss,
+    CorpusError/ValueError (bad input), CheckpointError (bad checkpoint). ``step_callback(step, record)`` is
+    called after every step (tests).
+
+    With ``cfg.resume`` the run's saved settings are restored; ``given`` names the fields of ``cfg`` the caller
+    set on purpose (default: those that differ from TrainConfig's defaults), which may change what is safe to
+    change (see :func:`fastxlstm.train.config.merge_resume_config`)."""
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, step_callback)
+        return _train(cfg, info, step_callback, given)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, step_callback, given) -> Dict[str, Any]:
     device = info.device
-    run = _setup(cfg, info)
+    run = _Run()
+    run.created = False
+    try:
+        _setup(cfg, info, given, run)
+    except BaseException:
+        # a run that failed before its first step leaves no empty directory behind
+        if info.is_main and run.created and getattr(run, "out", None):
+            rundir.remove_if_empty(run.out)
+        raise
+    cfg = run.cfg
     fwd, core, optimizer, sampler, token_bytes = run.fwd, run.core, run.optimizer, run.sampler, run.token_bytes
 
     run.t_loop = time.time()
@@ -353,7 +404,7 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
         bar = tqdm(total=cfg.steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr, smoothing=0.1)
     step = run.start_step
-    stopped_reason = None
+    stopped_reason, signal_name = None, None
     win_tokens, win_time, run_tokens = 0, time.time(), 0
     try:
         with _Interrupt() as intr:
@@ -423,6 +474,7 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
                 # ranks agree through the all-reduced flag; alone, the local flag also counts (set by the callback)
                 if float(flags[2]) > 0 or (not info.distributed and intr.requested):
                     stopped_reason = "interrupted"
+                    signal_name = intr.signal_name or "SIGTERM"  # another rank's signal: torchrun's SIGTERM
                     break
                 if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
                     stopped_reason = f"--stop-at {cfg.stop_at}"
@@ -432,7 +484,9 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback) -> Dict[str, Any]:
             bar.close()
     elapsed = run.elapsed_before + time.time() - run.t_loop
     if stopped_reason is not None:
-        return _stop_early(run, cfg, info, step, stopped_reason, elapsed)
+        summary = _stop_early(run, cfg, info, step, stopped_reason, elapsed)
+        summary["signal"] = signal_name
+        return summary
     return _finish(run, cfg, info, step, elapsed)
 
 
