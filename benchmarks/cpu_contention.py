@@ -65,6 +65,7 @@ def _run(kind: str, opts: dict, busy: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--busy", type=int, default=1, help="competitor processes in the busy case")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention.json"))
@@ -77,7 +78,7 @@ def main() -> None:
             for kind in ("torch defaults", "fastxlstm CLI"):
                 for busy in (0, args.busy):
                     opts = {"preset": "tiny", "data": data, "out": os.path.join(tmp, f"run{len(results)}"),
-                            "steps": args.steps, "batch_size": 16, "seq_len": 128, "eval_windows": 8,
+                            "steps": args.steps, "batch_size": args.batch_size, "seq_len": 128, "eval_windows": 8,
                             "eval_every": 0, "save_every": 0, "sample_tokens": 0, "progress": False}
                     s = _run(kind, opts, busy)
                     results.append({"setting": kind, "busy_processes": busy, "seconds": s, "repeat": rep})
@@ -90,7 +91,7 @@ def main() -> None:
     doc = {"benchmark": "cpu_contention", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "load_average_after": load, "torch": torch.__version__, "python": platform.python_version(),
-           "steps": args.steps, "results": results}
+           "steps": args.steps, "batch_size": args.batch_size, "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)

@@ -99,6 +99,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     assert covered == set(specs), f"CLI misses TrainConfig fields: {set(specs) - covered}"
 
 
+def _add_sampling_args(g: argparse.ArgumentParser, default_stop: Optional[str] = None) -> None:
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the generated text contains TEXT (not printed; repeatable; \\n for a newline)"
+                        + (f"; default {default_stop!r}" if default_stop else ""))
+    g.add_argument("--eos", type=int, action="append", default=None, metavar="ID",
+                   help="token id that ends the text (repeatable; default: the model config's eos_token_id)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="> 1 makes tokens already in the text less likely (1: off, the default; 1.1-1.3 typical)")
+    if not any(a.dest == "threads" for a in g._actions):
+        g.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads (default: the free cores; see docs/TRAINING.md)")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser. ``command``: the subcommand about to be parsed; for another one than train the train
     options (which import the training package) are left out, so inference commands never import training."""
@@ -141,6 +155,42 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                    help="cast the weights (default: as stored)")
     g.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
+    _add_sampling_args(g)
+    g.add_argument("--prompts-file", metavar="FILE", default=None,
+                   help="one prompt per line (\\n inside a line for a newline), generated as one batch; prints one "
+                        "JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
+
+    c = sub.add_parser("chat", help="talk to a model: the recurrent state is kept between turns",
+                       formatter_class=_Formatter,
+                       description="An interactive loop: each line you type is one turn. Only the new turn is fed to\n"
+                                   "the model, on the recurrent state left by the previous turns, so every turn costs\n"
+                                   "the same however long the conversation is. Empty line or Ctrl-D ends it; /reset\n"
+                                   "starts over. Works with piped standard input too.")
+    c.add_argument("model", metavar="MODEL", help="model or run directory")
+    c.add_argument("--template", default="User: {text}\nAssistant:", metavar="TEXT",
+                   help="how a turn is fed; {text} is your line (default: 'User: {text}\\nAssistant:')")
+    c.add_argument("--system", default=None, metavar="TEXT", help="text fed once before the first turn")
+    c.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="reply length limit (default: 200)")
+    c.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
+    c.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    c.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
+    c.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    c.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer.json instead of the model's")
+    _add_sampling_args(c, default_stop="\nUser:")
+
+    v = sub.add_parser("convert", help="convert a model between the fastxlstm and transformers formats",
+                       formatter_class=_Formatter,
+                       description="Convert a model directory (or a run directory: its final model) to another\n"
+                                   "format: --to fastxlstm (config.json + model.safetensors read by\n"
+                                   "fastxlstm.from_pretrained) or --to transformers (an xLSTMForCausalLM directory;\n"
+                                   "only the 7B-architecture models have a transformers counterpart). The tokenizer\n"
+                                   "files are copied along.")
+    v.add_argument("src", metavar="SRC", help="model, run or transformers xLSTM directory")
+    v.add_argument("dst", metavar="DST", help="output directory (must not exist, or be empty)")
+    v.add_argument("--to", required=True, choices=["fastxlstm", "transformers"], help="target format")
+    v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
                        formatter_class=_Formatter,
@@ -149,8 +199,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                                    "Prints loss (nats/token), perplexity and bits per byte.")
     e.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
     e.add_argument("--data", metavar="PATH", default=None,
-                   help="text file, directory of text files or .bin/.npy tokens (default: the held-out split of "
-                        "the standard-library corpus)")
+                   help="text file, directory of text files, .jsonl, or .bin/.npy tokens: its held-out split, as "
+                        "training splits it (--all: everything) (default: the standard-library corpus)")
     e.add_argument("--data-dtype", default="uint16", metavar="DTYPE", help="dtype of a raw .bin token file (default: uint16)")
     e.add_argument("--eod-token", type=int, default=None, metavar="N", help="document separator id in .bin/.npy data")
     e.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
@@ -162,6 +212,11 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    e.add_argument("--all", action="store_true",
+                   help="score every document of --data (default: only the held-out split, the same one "
+                        "training holds out)")
+    e.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the free cores; see docs/TRAINING.md)")
 
     sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
                    description="List the model presets accepted by 'fastxlstm train --preset'.")
@@ -266,26 +321,162 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         raise UsageError("--top-k must be >= 1")
     if ns.top_p is not None and not 0 < ns.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    prompt = ns.prompt
-    if prompt is None:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise UsageError("no prompt: pass --prompt TEXT or pipe text into standard input")
-        prompt = sys.stdin.read()
-    if prompt == "":
-        raise UsageError("the prompt is empty")
+    _check_sampling_args(ns)
+    prompts = None
+    if ns.prompts_file is not None:
+        if ns.prompt is not None:
+            raise UsageError("--prompt and --prompts-file exclude each other")
+        prompts = [p.replace("\\n", "\n") for p in _read_text_arg(ns.prompts_file, "--prompts-file").splitlines()
+                   if p.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file {ns.prompts_file}: no prompts (one per line)")
+    else:
+        prompt = ns.prompt
+        if prompt is None:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise UsageError("no prompt: pass --prompt TEXT or pipe text into standard input")
+            prompt = _read_text_arg(None, "the prompt on standard input")
+        else:
+            _check_utf8(prompt, "--prompt")
+        if prompt == "":
+            raise UsageError("the prompt is empty")
     from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    kw = dict(seed=ns.seed, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, stop=_stops(ns),
+              eos_token_id=_eos_ids(ns, model), repetition_penalty=ns.repetition_penalty)
+    if prompts is not None:
+        import json
+        from .generation.text import generate_texts
+        for p, text in zip(prompts, generate_texts(model, tok, prompts, ns.max_new_tokens, **kw)):
+            sys.stdout.write(json.dumps({"prompt": p, "completion": text}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return 0
     from .generation.text import sample_text
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    sample_text(model, tok, prompt, ns.max_new_tokens, seed=ns.seed, temperature=ns.temperature,
-                top_k=ns.top_k, top_p=ns.top_p, stream=emit)
+    sample_text(model, tok, prompt, ns.max_new_tokens, stream=emit, **kw)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return 0
+
+
+def _check_sampling_args(ns: argparse.Namespace) -> None:
+    if ns.max_new_tokens < 0:
+        raise UsageError("--max-new-tokens must be >= 0")
+    if ns.temperature < 0 or not math.isfinite(ns.temperature):
+        raise UsageError("--temperature must be >= 0")
+    if ns.top_k is not None and ns.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if not (ns.repetition_penalty > 0 and math.isfinite(ns.repetition_penalty)):
+        raise UsageError("--repetition-penalty must be a number > 0 (1: off)")
+    for s in ns.stop or []:
+        if s == "":
+            raise UsageError("--stop must not be empty")
+        _check_utf8(s, "--stop")
+
+
+def _stops(ns: argparse.Namespace) -> List[str]:
+    return [s.replace("\\n", "\n") for s in (ns.stop or [])]
+
+
+def _eos_ids(ns: argparse.Namespace, model) -> Optional[List[int]]:
+    if ns.ignore_eos:
+        return None
+    ids = ns.eos if ns.eos else [getattr(model.config, "eos_token_id", None)]
+    ids = [i for i in ids if i is not None]
+    for i in ids:
+        if not 0 <= i < model.vocab_size:
+            raise UsageError(f"--eos {i} is outside the model's vocabulary [0, {model.vocab_size})")
+    return ids or None
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Command-line text with bytes that are not UTF-8 arrives with surrogate escapes: name the argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.start + 1].encode("utf-8", "surrogateescape")
+        raise UsageError(f"{what} is not valid UTF-8 (byte {bad!r} at character {e.start}); pass UTF-8 text") \
+            from None
+
+
+def _read_text_arg(path: Optional[str], what: str) -> str:
+    """The UTF-8 text of a file (or of standard input when path is None), errors naming the argument."""
+    try:
+        if path is None:
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path}: is a directory") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "" if path is None else f" {path}"
+        raise UsageError(f"{what}{where} is not valid UTF-8 (byte {data[e.start:e.start + 1]!r} at offset "
+                         f"{e.start})") from None
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    _check_sampling_args(ns)
+    for text, what in ((ns.template, "--template"), (ns.system or "", "--system")):
+        _check_utf8(text, what)
+    if "{text}" not in ns.template:
+        raise UsageError("--template must contain {text}")
+    from .runtime import pick_device
+    device = pick_device(ns.device, 0)
+    model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    from .generation.text import ChatSession
+    stops = _stops(ns) if ns.stop else ["\nUser:"]
+
+    def new_session():
+        return ChatSession(model, tok, user_template=ns.template.replace("\\n", "\n"), stop=stops,
+                           max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                           top_p=ns.top_p, repetition_penalty=ns.repetition_penalty,
+                           eos_token_id=_eos_ids(ns, model), seed=ns.seed,
+                           system=ns.system.replace("\\n", "\n") if ns.system else None)
+
+    session = new_session()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {ns.model} (empty line or Ctrl-D ends, /reset starts over)", file=sys.stderr)
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline().encode()
+        if not raw:
+            break
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            print(f"{_PROG} chat: that line is not valid UTF-8; skipped", file=sys.stderr)
+            continue
+        if line == "" and interactive:
+            break
+        if line.strip() == "/reset":
+            session = new_session()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        session.turn(line, stream=emit)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -303,6 +494,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ns.data is None:
         stream = load_corpus(None, tok).eval
         what = "held-out split of the standard-library corpus"
+    elif not ns.all:
+        # the split training uses: a text file's last lines, a folder's held-out documents, a token file's tail
+        stream = load_corpus(ns.data, tok, dtype=ns.data_dtype, eod_token=ns.eod_token).eval
+        what = f"held-out split of {ns.data}"
     elif ns.data.endswith((".bin", ".npy")):
         c = load_memmap(ns.data, ns.data_dtype, ns.eod_token, vocab_size=model.vocab_size)
         from .data.corpus import TokenStream
@@ -310,12 +505,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         toks = np.concatenate([np.asarray(c.train.tokens), np.asarray(c.eval.tokens)])
         starts = np.concatenate([c.train.doc_start, c.eval.doc_start[:1] * False, c.eval.doc_start[1:]])
         stream = TokenStream(toks, starts, int(starts.sum()))
-        what = ns.data
+        what = f"{ns.data} (all of it)"
     else:
         tr, ev, _ = load_text_documents(ns.data)
         texts = tr + ev if os.path.isdir(ns.data) else ["".join(tr + ev)]
         stream = _encode_docs(tok, texts)
-        what = ns.data
+        what = f"{ns.data} (all of it)"
     r = evaluate_stream(model, stream, tok.token_bytes(), ns.seq_len, ns.batch_size,
                         ns.max_tokens if ns.max_tokens > 0 else None)
     if ns.json:
@@ -323,6 +518,42 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     else:
         print(f"{what}: loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.3f} | "
               f"bits per byte {r['bpb']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    import shutil
+    import torch
+    from .loading import find_model_dir, from_pretrained
+    try:
+        find_model_dir(ns.src)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"SRC {e}") from None
+    if os.path.exists(ns.dst) and (not os.path.isdir(ns.dst) or os.listdir(ns.dst)):
+        raise UsageError(f"DST {ns.dst} exists and is not an empty directory")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[ns.dtype]
+    model = from_pretrained(ns.src, dtype=dtype)
+    if ns.to == "transformers" and getattr(model.config, "model_type", None) != "xlstm":
+        raise UsageError(f"SRC {ns.src} holds a {type(model).__name__} (the paper's xLSTM, model_type "
+                         f"{model.config.model_type!r}); transformers has only the 7B architecture (XLSTMLarge), "
+                         f"so it cannot be converted to the transformers format")
+    # an XLSTMLarge directory is written in transformers' own layout (config.json for xLSTMConfig, its parameter
+    # names); save_pretrained checks what transformers could not load
+    model.save_pretrained(ns.dst)
+    model_dir, ckpt_dir = find_model_dir(ns.src)
+    base = model_dir if model_dir is not None else ckpt_dir
+    parent = os.path.dirname(os.path.abspath(base)) if model_dir is not None else \
+        os.path.dirname(os.path.dirname(os.path.abspath(base)))
+    copied = []
+    for d in (base, parent):
+        for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(d, fn)) and not os.path.exists(os.path.join(ns.dst, fn)):
+                shutil.copyfile(os.path.join(d, fn), os.path.join(ns.dst, fn))
+                copied.append(fn)
+        if copied:
+            break
+    print(f"{ns.src} -> {ns.dst} ({ns.to} format{', with ' + ', '.join(copied) if copied else ''})",
+          file=sys.stderr)
     return 0
 
 
@@ -349,8 +580,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command in ("train", "generate", "eval", "chat", "convert"):
             from .runtime import configure_cpu  # before torch is imported: the OpenMP wait policy
             configure_cpu(getattr(ns, "threads", None))
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
-                "presets": cmd_presets}[ns.command](ns)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
+                "convert": cmd_convert, "presets": cmd_presets}[ns.command](ns)
+    except BrokenPipeError:
+        # `fastxlstm generate ... | head`: the reader has gone; stop quietly like other Unix tools
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except UsageError as e:
         if debug:
             raise
@@ -377,7 +616,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def argv_command(argv: Optional[List[str]]) -> str:
     args = sys.argv[1:] if argv is None else argv
     for a in args:
-        if a in ("train", "generate", "eval", "presets"):
+        if a in ("train", "generate", "eval", "chat", "convert", "presets"):
             return a
     return ""
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .sampling import _check_int, _check_sampling, sample_next_token
+from .sampling import _check_int, _check_sampling, check_repetition_penalty, sample_next_token
 
 __all__ = ["generate", "generate_stream", "prepare_prompt"]
 
@@ -103,8 +103,19 @@ def _call(model, ids, state=None, resets=None):
         model.train(was_training)
 
 
+def _seen_mask(ids, vocab_size, resets):
+    """(B, V) bool: the tokens of each row's prompt (left padding before the row's reset excluded)."""
+    B, S = ids.shape
+    real = torch.ones(B, S, dtype=torch.bool, device=ids.device)
+    if resets is not None:
+        first = torch.where(resets.any(dim=1), resets.float().argmax(dim=1), torch.zeros_like(ids[:, 0]))
+        real = torch.arange(S, device=ids.device)[None, :] >= first[:, None]
+    seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, torch.where(real, ids, ids[:, -1:]), True)
+
+
 def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, pad_token_id,
-           attention_mask, seed, generator):
+           attention_mask, seed, generator, repetition_penalty=1.0):
     ids = model.check_input_ids(input_ids)
     if ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one prompt token per row")
@@ -127,11 +138,14 @@ def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sampl
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     resets = prepare_prompt(ids, attention_mask, explicit_pad)
-    return ids, sample, eos, fill, generator, resets
+    penalty = check_repetition_penalty(repetition_penalty)
+    seen = _seen_mask(ids, V, resets) if penalty != 1.0 else None
+    return ids, sample, eos, fill, generator, resets, (penalty, seen)
 
 
 def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-            final: Optional[list]) -> Iterator[torch.Tensor]:
+            final: Optional[list], penalty=(1.0, None)) -> Iterator[torch.Tensor]:
+    repetition_penalty, seen = penalty
     if max_new_tokens == 0:
         if final is not None:
             final.append(_call(model, ids, resets=resets).state)
@@ -143,7 +157,10 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, 
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
     for step in range(max_new_tokens):
-        tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
+        tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator,
+                                repetition_penalty=repetition_penalty, seen=seen)
+        if seen is not None:
+            seen[torch.arange(B, device=ids.device), tok] = True
         if eos_t is not None:
             tok = torch.where(finished, torch.full_like(tok, fill), tok)
             finished = finished | torch.isin(tok, eos_t)
@@ -164,14 +181,15 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
                     top_k: Optional[int] = None, top_p: Optional[float] = None, do_sample: Optional[bool] = None,
                     eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                     attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-                    generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
     """Yield the new tokens, one (B,) int64 tensor per step (at most ``max_new_tokens``; fewer when every row
     has emitted an eos). Arguments as for :func:`generate`; they are validated before the first step."""
     args = _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
-                  pad_token_id, attention_mask, seed, generator)
-    ids, sample, eos, fill, generator, resets = args
+                  pad_token_id, attention_mask, seed, generator, repetition_penalty)
+    ids, sample, eos, fill, generator, resets, penalty = args
     return _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-                   None)
+                   None, penalty)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -179,7 +197,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None,
-             stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False):
+             stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False,
+             repetition_penalty: float = 1.0):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -196,6 +215,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             neither: torch's global RNG. Greedy decoding is deterministic regardless.
         stream: called with each step's (B,) token tensor as soon as it is chosen.
         return_state: also return the state after the last fed token (the final token is not fed).
+        repetition_penalty: > 1 makes tokens already in the row (prompt or generated) less likely: their
+            logits are divided by it where positive, multiplied where negative (1: off).
 
     Returns:
         (B, S + n) int64: the prompts followed by n <= max_new_tokens new tokens (n < max_new_tokens only when all
@@ -203,13 +224,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     """
     if stream is not None and not callable(stream):
         raise ValueError(f"stream must be a callable taking a (B,) tensor, got {type(stream).__name__}")
-    ids, sample, eos, fill, generator, resets = _setup(model, input_ids, max_new_tokens, temperature, top_k,
-                                                       top_p, do_sample, eos_token_id, pad_token_id,
-                                                       attention_mask, seed, generator)
+    ids, sample, eos, fill, generator, resets, penalty = _setup(model, input_ids, max_new_tokens, temperature,
+                                                                top_k, top_p, do_sample, eos_token_id, pad_token_id,
+                                                                attention_mask, seed, generator, repetition_penalty)
     final: list = []
     new = []
     for tok in _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-                       final):
+                       final, penalty):
         new.append(tok)
         if stream is not None:
             stream(tok)

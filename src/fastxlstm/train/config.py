@@ -12,7 +12,8 @@ __all__ = ["TrainConfig", "load_config_file", "HELP", "merge_resume_config", "RE
 HELP = {
     "preset": "model preset (fastxlstm presets lists them: tiny, small, 125m ... 2.7b, 7b)",
     "model": "overrides of the model config's fields (from a config file, or --model-config key=value)",
-    "data": "training text: a text file, a directory of text files, or pre-tokenised .bin/.npy "
+    "data": "training text: a text file, a JSON-lines file (a \"text\" field per line), a directory of them, or "
+            "pre-tokenised .bin/.npy "
             "(default: the running interpreter's standard library, no download)",
     "data_dtype": "dtype of a raw .bin token file",
     "eod_token": "token id that ends a document in .bin/.npy data (the state is reset after it)",
@@ -224,6 +225,12 @@ def load_config_file(path: str) -> Dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
     except Exception as e:  # yaml.YAMLError and friends
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context = getattr(e, "context", None)
+            raise ValueError(f"--config {path}: line {mark.line + 1}, column {mark.column + 1}: {problem}"
+                             + (f" ({context})" if context else "")) from None
         raise ValueError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
     if data is None:
         data = {}
