@@ -51,8 +51,8 @@ def _parse_kv(text: str):
     return key.strip().replace("-", "_"), value
 
 
-_METAVARS = {"preset": "NAME", "init_from": "DIR", "data": "PATH", "tokenizer": "PATH", "out": "DIR", "device": "DEVICE",
-             "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
+_METAVARS = {"preset": "NAME", "init_from": "DIR", "data": "PATH", "tokenizer": "PATH", "out": "DIR",
+             "device": "DEVICE", "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -201,7 +201,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="PATH", default=None,
                    help="text file, directory of text files, .jsonl, or .bin/.npy tokens: its held-out split, as "
                         "training splits it (--all: everything) (default: the standard-library corpus)")
-    e.add_argument("--data-dtype", default="uint16", metavar="DTYPE", help="dtype of a raw .bin token file (default: uint16)")
+    e.add_argument("--data-dtype", default="uint16", metavar="DTYPE",
+                   help="dtype of a raw .bin token file (default: uint16)")
     e.add_argument("--eod-token", type=int, default=None, metavar="N", help="document separator id in .bin/.npy data")
     e.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
                    help="evaluate at most N tokens, 0 for all (default: 200000)")
@@ -296,7 +297,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Optional[str]):
     """(model, tokenizer) for --model / --tokenizer (see fastxlstm.loading)."""
     import torch
-    from .loading import find_model_dir, load_model_and_tokenizer, resolve_run_dir
+    from .loading import find_model_dir, load_model_and_tokenizer
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype_name]
     try:
         find_model_dir(path)

@@ -11,7 +11,8 @@ import json
 import os
 from typing import Optional, Tuple
 
-__all__ = ["resolve_run_dir", "find_model_dir", "config_from_dict", "from_pretrained", "load_tokenizer_for", "load_model_and_tokenizer"]
+__all__ = ["resolve_run_dir", "find_model_dir", "config_from_dict", "from_pretrained", "load_tokenizer_for",
+           "load_model_and_tokenizer"]
 
 
 def resolve_run_dir(path: str) -> str:
