@@ -125,7 +125,8 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, capsys):
     assert needle in lines[0] and "Traceback" not in err
 
 
-def test_cli_errors_from_inputs(tmp_path, capsys):
+def test_cli_errors_from_inputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the cases without --out would otherwise start runs/ in the repository
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "blank.txt").write_text("   \n")
@@ -156,6 +157,8 @@ def test_cli_errors_from_inputs(tmp_path, capsys):
         assert rc == 2, (argv, err)
         assert len(lines) == 1 and needle in lines[0], (argv, err)
         assert "Traceback" not in err
+    # none of the failed runs left a directory behind
+    assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
 
 
 def test_config_file_and_flag_precedence(tmp_path):
