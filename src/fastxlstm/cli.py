@@ -1,12 +1,17 @@
-"""Command line: ``fastxlstm train | generate | eval | presets`` (also ``python -m fastxlstm``).
+"""Command line: ``fastxlstm train | generate | chat | eval | convert | presets`` (also ``python -m fastxlstm``).
 
     fastxlstm train                                   # small xLSTM on the Python standard library, ~5 min on CPU
-    fastxlstm generate --model runs/latest --prompt "def "
+    fastxlstm train --out runs/latest --resume        # continue a run with its own settings
+    fastxlstm generate --model runs/latest --prompt "def " --stop "\\n\\n"
+    fastxlstm chat runs/latest                        # turns on one carried recurrent state
     fastxlstm eval --model runs/latest                # held-out split of the default corpus
+    fastxlstm convert hf-dir out-dir --to fastxlstm
     torchrun --nproc-per-node 2 -m fastxlstm train --preset 125m --device cuda
 
-Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2.
-Set FASTXLSTM_DEBUG=1 to see the traceback instead.
+Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2;
+a run stopped at --stop-at exits 3, one stopped by a signal 128 + its number (130 for Ctrl-C) after saving a
+checkpoint. Set FASTXLSTM_DEBUG=1 to see the traceback instead. The inference commands never import the training
+package, and every command picks its CPU threads and OpenMP wait policy before torch loads (runtime.py).
 """
 from __future__ import annotations
 

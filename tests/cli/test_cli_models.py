@@ -58,6 +58,14 @@ def test_convert_both_ways(tmp_path, model_dir, capsys):
     for k, v in hf.state_dict().items():
         assert torch.equal(v, ref[k]), k
     assert os.path.isfile(tmp_path / "hf" / "tokenizer_config.json")
+    # fine-tune the transformers directory directly (its tokenizer comes along)
+    data = tmp_path / "d.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 100)
+    run = tmp_path / "ft"
+    assert main(["train", "--init-from", str(tmp_path / "hf"), "--data", str(data), "--out", str(run), "--steps",
+                 "1", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "2", "--sample-tokens", "0",
+                 "--no-progress"]) == 0
+    assert type(fastxlstm.from_pretrained(run)).__name__ == "XLSTMLarge"
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "fastxlstm"]) == 0
     back = fastxlstm.from_pretrained(tmp_path / "back")
     assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())

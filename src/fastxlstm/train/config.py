@@ -42,14 +42,16 @@ HELP = {
     "keep_checkpoints": "how many recent checkpoints to keep",
     "out": "run directory (default runs/<timestamp>; runs/latest points to the newest run)",
     "seed": "random seed (model init, data order, sampling)",
-    "resume": "continue from the latest checkpoint in --out (default --out: runs/latest)",
+    "resume": "continue from the latest checkpoint in --out (default --out: runs/latest) with the run's own "
+              "settings; flags given again may change --steps, intervals and optimiser settings, not the data "
+              "or the model",
     "device": "cpu, cuda, cuda:N (default: cuda if available)",
     "fsdp": "shard the model with FSDP2 (fully_shard) under torchrun instead of DDP",
     "tensorboard": "also write TensorBoard logs to <out>/tensorboard",
     "sample_tokens": "tokens of the sample printed and saved after training (0: none)",
     "sample_prompt": "prompt of that sample",
-    "stop_at": "stop (with a checkpoint) after this step, as if interrupted; resume later with --resume",
-    "threads": "CPU threads for torch (0: torch's default)",
+    "stop_at": "stop (with a checkpoint, exit code 3) after this step; resume later with --resume",
+    "threads": "CPU threads (0: the free cores, from the affinity mask and the load average)",
     "progress": "show a progress bar",
 }
 
