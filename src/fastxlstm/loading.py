@@ -72,9 +72,15 @@ def from_pretrained(path, device=None, dtype=None):
     ``latest`` pointer or a training checkpoint. ``device`` / ``dtype``: where and in which dtype to put the
     weights (default: CPU, as stored). Returns the model in eval mode."""
     import torch
-    model_dir, ckpt_dir = find_model_dir(path)
+    from .models.io import from_pretrained as _load_dir
+    try:
+        model_dir, ckpt_dir = find_model_dir(path)
+    except FileNotFoundError:
+        if os.path.isdir(resolve_run_dir(os.fspath(path))):
+            # neither a model nor a run: the model-directory loader names what is missing (CheckpointError)
+            return _load_dir(resolve_run_dir(os.fspath(path)), device=device, dtype=dtype)
+        raise
     if model_dir is not None:
-        from .models.io import from_pretrained as _load_dir
         return _load_dir(model_dir, device=device, dtype=dtype)
     from .models.presets import build_model
     from .train.checkpoint import load_checkpoint

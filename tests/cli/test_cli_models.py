@@ -124,8 +124,10 @@ def test_from_pretrained_on_run_directories(corpus, tmp_path):
     assert all(torch.equal(v, same_dir.state_dict()[k]) for k, v in final.state_dict().items())
     assert not all(torch.equal(v, final.state_dict()[k]) for k, v in from_ckpt.state_dict().items())
     assert type(fastxlstm.load_tokenizer(run)).__name__ == "ByteTokenizer"
-    with pytest.raises(FileNotFoundError, match="not a model or run directory"):
+    with pytest.raises(ValueError, match="config.json"):  # the model loader's CheckpointError, as before
         fastxlstm.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        fastxlstm.from_pretrained(tmp_path / "missing")
 
 
 def test_jsonl_data(tmp_path, capsys):
