@@ -299,15 +299,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _find_model_dir(path: str):
+    """(directory holding config.json + weights, or None; checkpoint directory, or None) for --model."""
+    from .loading import find_model_dir
+    try:
+        return find_model_dir(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"--model {e}") from None
+
+
 def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Optional[str]):
     """(model, tokenizer) for --model / --tokenizer (see fastxlstm.loading)."""
     import torch
-    from .loading import find_model_dir, load_model_and_tokenizer
+    from .loading import load_model_and_tokenizer
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype_name]
-    try:
-        find_model_dir(path)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise UsageError(f"--model {e}") from None
+    _find_model_dir(path)
     if tokenizer_path is not None and not os.path.exists(tokenizer_path):
         raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
     try:
