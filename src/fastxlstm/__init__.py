@@ -3,7 +3,8 @@
 The public surface is small:
 
 - ``fastxlstm.ops``: ``mlstm``, ``mlstm_step``, ``slstm`` (the cells as functions, several backends).
-- models, configs, ``from_pretrained`` and ``from_official`` (imported lazily, so ``import fastxlstm`` stays light).
+- models, configs, ``from_pretrained`` (a model, run or checkpoint directory), ``load_tokenizer`` and
+  ``from_official`` (imported lazily, so ``import fastxlstm`` stays light; ``dir(fastxlstm)`` lists them).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ _LAZY = {
     "build_model": ("fastxlstm.models.presets", "build_model"),
     "get_preset": ("fastxlstm.models.presets", "get_preset"),
     "list_presets": ("fastxlstm.models.presets", "list_presets"),
-    "from_pretrained": ("fastxlstm.models.io", "from_pretrained"),
+    "from_pretrained": ("fastxlstm.loading", "from_pretrained"),
+    "load_tokenizer": ("fastxlstm.loading", "load_tokenizer_for"),
     "from_official": ("fastxlstm.interop.official", "from_official"),
 }
 
@@ -38,3 +40,8 @@ def __getattr__(name):
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'fastxlstm' has no attribute {name!r}")
+
+
+def __dir__():
+    """The public names, the lazily imported ones included (they are not in the module's namespace yet)."""
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})

@@ -1,13 +1,19 @@
-"""Command line: ``fastxlstm train | generate | eval | serve | presets`` (also ``python -m fastxlstm``).
+"""Command line: ``fastxlstm train | generate | chat | eval | convert | serve | presets`` (also
+``python -m fastxlstm``).
 
     fastxlstm train                                   # small xLSTM on the Python standard library, ~5 min on CPU
-    fastxlstm generate --model runs/latest --prompt "def "
+    fastxlstm train --out runs/latest --resume        # continue a run with its own settings
+    fastxlstm generate --model runs/latest --prompt "def " --stop "\\n\\n"
+    fastxlstm chat runs/latest                        # turns on one carried recurrent state
     fastxlstm eval --model runs/latest                # held-out split of the default corpus
+    fastxlstm convert hf-dir out-dir --to fastxlstm
     fastxlstm serve --model runs/latest               # OpenAI-compatible HTTP API on 127.0.0.1:8000
     torchrun --nproc-per-node 2 -m fastxlstm train --preset 125m --device cuda
 
-Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2.
-Set FASTXLSTM_DEBUG=1 to see the traceback instead.
+Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2;
+a run stopped at --stop-at exits 3, one stopped by a signal 128 + its number (130 for Ctrl-C) after saving a
+checkpoint. Set FASTXLSTM_DEBUG=1 to see the traceback instead. The inference commands never import the training
+package, and every command picks its CPU threads and OpenMP wait policy before torch loads (runtime.py).
 """
 from __future__ import annotations
 
@@ -52,8 +58,8 @@ def _parse_kv(text: str):
     return key.strip().replace("-", "_"), value
 
 
-_METAVARS = {"preset": "NAME", "data": "PATH", "tokenizer": "PATH", "out": "DIR", "device": "DEVICE",
-             "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
+_METAVARS = {"preset": "NAME", "init_from": "DIR", "data": "PATH", "tokenizer": "PATH", "out": "DIR",
+             "device": "DEVICE", "data_dtype": "DTYPE", "sample_prompt": "TEXT"}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +72,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values parsed as YAML: 3, 0.5, [1, 3], true)")
     p.add_argument("--stdlib", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     groups = {
-        "model and data": ("preset", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
+        "model and data": ("preset", "init_from", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
         "optimisation": ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio",
                          "weight_decay", "beta1", "beta2", "grad_clip", "precision", "compile", "seed"),
         "evaluation, checkpoints and output": ("eval_every", "eval_windows", "log_every", "save_every",
@@ -100,7 +106,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     assert covered == set(specs), f"CLI misses TrainConfig fields: {set(specs) - covered}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_sampling_args(g: argparse.ArgumentParser, default_stop: Optional[str] = None) -> None:
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the generated text contains TEXT (not printed; repeatable; \\n for a newline)"
+                        + (f"; default {default_stop!r}" if default_stop else ""))
+    g.add_argument("--eos", type=int, action="append", default=None, metavar="ID",
+                   help="token id that ends the text (repeatable; default: the model config's eos_token_id)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="> 1 makes tokens already in the text less likely (1: off, the default; 1.1-1.3 typical)")
+    if not any(a.dest == "threads" for a in g._actions):
+        g.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads (default: the free cores; see docs/TRAINING.md)")
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser. ``command``: the subcommand about to be parsed; for another one than train the train
+    options (which import the training package) are left out, so inference commands never import training."""
     parser = _Parser(prog=_PROG, formatter_class=_Formatter,
                      description="xLSTM (mLSTM + sLSTM) in PyTorch: train, sample and evaluate language models.",
                      epilog="Run 'fastxlstm COMMAND --help' for the options of each command.")
@@ -117,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--out DIR --resume. Precedence: defaults < --config FILE < flags.\n\n"
                                    "Several processes: torchrun --nproc-per-node N -m fastxlstm train ... (DDP, or\n"
                                    "FSDP2 with --fsdp); only rank 0 logs and writes.")
-    _add_train_args(p)
+    if command in (None, "train"):
+        _add_train_args(p)
 
     g = sub.add_parser("generate", help="sample text from a trained model, streaming it to the terminal",
                        formatter_class=_Formatter,
@@ -139,6 +162,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the weights (default: as stored)")
     g.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
+    _add_sampling_args(g)
+    g.add_argument("--prompts-file", metavar="FILE", default=None,
+                   help="one prompt per line (\\n inside a line for a newline), generated as one batch; prints one "
+                        "JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
+
+    c = sub.add_parser("chat", help="talk to a model: the recurrent state is kept between turns",
+                       formatter_class=_Formatter,
+                       description="An interactive loop: each line you type is one turn. Only the new turn is fed to\n"
+                                   "the model, on the recurrent state left by the previous turns, so every turn costs\n"
+                                   "the same however long the conversation is. Empty line or Ctrl-D ends it; /reset\n"
+                                   "starts over. Works with piped standard input too.")
+    c.add_argument("model", metavar="MODEL", help="model or run directory")
+    c.add_argument("--template", default="User: {text}\nAssistant:", metavar="TEXT",
+                   help="how a turn is fed; {text} is your line (default: 'User: {text}\\nAssistant:')")
+    c.add_argument("--system", default=None, metavar="TEXT", help="text fed once before the first turn")
+    c.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="reply length limit (default: 200)")
+    c.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
+    c.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    c.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
+    c.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    c.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer.json instead of the model's")
+    _add_sampling_args(c, default_stop="\nUser:")
+
+    v = sub.add_parser("convert", help="convert a model between the fastxlstm and transformers formats",
+                       formatter_class=_Formatter,
+                       description="Convert a model directory (or a run directory: its final model) to another\n"
+                                   "format: --to fastxlstm (config.json + model.safetensors read by\n"
+                                   "fastxlstm.from_pretrained) or --to transformers (an xLSTMForCausalLM directory;\n"
+                                   "only the 7B-architecture models have a transformers counterpart). The tokenizer\n"
+                                   "files are copied along.")
+    v.add_argument("src", metavar="SRC", help="model, run or transformers xLSTM directory")
+    v.add_argument("dst", metavar="DST", help="output directory (must not exist, or be empty)")
+    v.add_argument("--to", required=True, choices=["fastxlstm", "transformers"], help="target format")
+    v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
                        formatter_class=_Formatter,
@@ -147,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Prints loss (nats/token), perplexity and bits per byte.")
     e.add_argument("--model", required=True, metavar="DIR", help="run, model or checkpoint directory")
     e.add_argument("--data", metavar="PATH", default=None,
-                   help="text file, directory of text files or .bin/.npy tokens (default: the held-out split of "
-                        "the standard-library corpus)")
-    e.add_argument("--data-dtype", default="uint16", metavar="DTYPE", help="dtype of a raw .bin token file (default: uint16)")
+                   help="text file, directory of text files, .jsonl, or .bin/.npy tokens: its held-out split, as "
+                        "training splits it (--all: everything) (default: the standard-library corpus)")
+    e.add_argument("--data-dtype", default="uint16", metavar="DTYPE",
+                   help="dtype of a raw .bin token file (default: uint16)")
     e.add_argument("--eod-token", type=int, default=None, metavar="N", help="document separator id in .bin/.npy data")
     e.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
                    help="evaluate at most N tokens, 0 for all (default: 200000)")
@@ -160,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer.json to use instead of the one in the model directory")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    e.add_argument("--all", action="store_true",
+                   help="score every document of --data (default: only the held-out split, the same one "
+                        "training holds out)")
+    e.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the free cores; see docs/TRAINING.md)")
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                        formatter_class=_Formatter,
@@ -221,6 +286,20 @@ def _train_config(ns: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _given_fields(ns: argparse.Namespace) -> set:
+    """The TrainConfig fields set on this command line or in its --config file (argparse leaves the others out)."""
+    from .train.config import load_config_file
+    given = {k for k in vars(ns) if k not in ("command", "config", "model_config", "stdlib")}
+    if hasattr(ns, "config"):
+        file_values = load_config_file(ns.config)
+        given |= set(file_values) - {"model"}
+        if file_values.get("model"):
+            given.add("model")
+    if getattr(ns, "model_config", None):
+        given.add("model")
+    return given
+
+
 def _check_train_inputs(cfg) -> None:
     """Cheap checks before anything slow, so typos fail in a second with one line."""
     from .models.presets import list_presets
@@ -230,85 +309,54 @@ def _check_train_inputs(cfg) -> None:
         raise UsageError(f"--data {cfg.data}: no such file or directory")
     if cfg.tokenizer not in ("bytes", "byte") and not os.path.exists(cfg.tokenizer):
         raise UsageError(f"--tokenizer {cfg.tokenizer}: no such file (use 'bytes' or a tokenizer.json)")
-    if cfg.stop_at is not None and cfg.stop_at >= cfg.steps:
+    if cfg.stop_at is not None and cfg.stop_at >= cfg.steps and not cfg.resume:
         raise UsageError(f"--stop-at {cfg.stop_at} must be below --steps {cfg.steps}")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise UsageError(f"--init-from {cfg.init_from}: no such directory")
+
+
+# exit codes of a training run that stopped early with a resumable checkpoint
+EXIT_STOP_AT = 3          # --stop-at N reached (single process; 0 under torchrun)
+EXIT_SIGNAL_BASE = 128    # + the signal number: 130 after Ctrl-C (SIGINT), 143 after SIGTERM
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _train_config(ns)
     _check_train_inputs(cfg)
     from .train.trainer import train
-    train(cfg)
+    summary = train(cfg, given=_given_fields(ns))
+    if summary.get("stopped"):
+        if summary.get("signal"):
+            import signal
+            return EXIT_SIGNAL_BASE + int(getattr(signal, summary["signal"]))
+        # under torchrun a non-zero worker exit is a failure to the elastic agent (which may restart it): 0
+        return EXIT_STOP_AT if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else 0
     return 0
 
 
 def _find_model_dir(path: str):
     """(directory holding config.json + weights, or None; checkpoint directory, or None) for --model."""
-    from .train.checkpoint import latest_checkpoint
-    from .train.trainer import resolve_run_dir
-    path = resolve_run_dir(path)
-    if not os.path.exists(path):
-        raise UsageError(f"--model {path}: no such directory")
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: not a directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    if os.path.isfile(os.path.join(path, "model", "config.json")):
-        return os.path.join(path, "model"), None
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return None, path
-    ck = latest_checkpoint(os.path.join(path, "checkpoints"))
-    if ck is not None:
-        return None, ck
-    raise UsageError(f"--model {path}: no config.json, model/ or checkpoints/ found (not a model or run directory)")
+    from .loading import find_model_dir
+    try:
+        return find_model_dir(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"--model {e}") from None
 
 
 def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Optional[str]):
+    """(model, tokenizer) for --model / --tokenizer (see fastxlstm.loading)."""
     import torch
-    from .data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
-    from .train.trainer import config_from_dict, resolve_run_dir
+    from .loading import load_model_and_tokenizer
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype_name]
-    model_dir, ckpt_dir = _find_model_dir(path)
-    if model_dir is not None:
-        from .models.io import from_pretrained
-        model = from_pretrained(model_dir, device=device, dtype=dtype)
-        tok_dirs = [model_dir, os.path.dirname(os.path.abspath(model_dir))]
-    else:
-        from .models.presets import build_model
-        from .train.checkpoint import load_checkpoint
-        model_sd, _, _, _, mcfg = load_checkpoint(ckpt_dir, load_optimizer=False)
-        with torch.device("meta"):
-            model = build_model(config_from_dict(mcfg["config"]))
-        model.load_state_dict(model_sd, assign=True, strict=True)
-        model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
-        tok_dirs = [ckpt_dir, os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))]
-    if tokenizer_path is not None:
-        if not os.path.exists(tokenizer_path):
-            raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
-        tok = HFTokenizer.from_file(tokenizer_path)
-    else:
-        tok = None
-        for d in tok_dirs:
-            if os.path.isfile(os.path.join(d, "tokenizer.json")) or \
-                    os.path.isfile(os.path.join(d, "tokenizer_config.json")):
-                tok = load_tokenizer(d)
-                if isinstance(tok, ByteTokenizer) and os.path.isfile(os.path.join(d, "tokenizer_config.json")):
-                    import json
-                    with open(os.path.join(d, "tokenizer_config.json"), encoding="utf-8") as f:
-                        kind = json.load(f).get("type")
-                    if kind != "bytes":  # a transformers tokenizer_config.json without its tokenizer.json
-                        tok = None
-                        continue
-                break
-        if tok is None:
-            if model.vocab_size == 256:
-                tok = ByteTokenizer()
-            else:
-                raise UsageError(f"--model {path}: no tokenizer.json beside the model (vocab {model.vocab_size}); "
-                                 f"pass --tokenizer PATH")
-    if tok.vocab_size > model.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size}")
-    return model, tok
+    _find_model_dir(path)
+    if tokenizer_path is not None and not os.path.exists(tokenizer_path):
+        raise UsageError(f"--tokenizer {tokenizer_path}: no such file")
+    try:
+        return load_model_and_tokenizer(path, device=device, dtype=dtype, tokenizer=tokenizer_path)
+    except FileNotFoundError as e:
+        if "tokenizer" in str(e):
+            raise UsageError(f"--model {e}; pass --tokenizer PATH") from None
+        raise
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -320,26 +368,162 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         raise UsageError("--top-k must be >= 1")
     if ns.top_p is not None and not 0 < ns.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    prompt = ns.prompt
-    if prompt is None:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise UsageError("no prompt: pass --prompt TEXT or pipe text into standard input")
-        prompt = sys.stdin.read()
-    if prompt == "":
-        raise UsageError("the prompt is empty")
-    from .train.distributed import pick_device
+    _check_sampling_args(ns)
+    prompts = None
+    if ns.prompts_file is not None:
+        if ns.prompt is not None:
+            raise UsageError("--prompt and --prompts-file exclude each other")
+        prompts = [p.replace("\\n", "\n") for p in _read_text_arg(ns.prompts_file, "--prompts-file").splitlines()
+                   if p.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file {ns.prompts_file}: no prompts (one per line)")
+    else:
+        prompt = ns.prompt
+        if prompt is None:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise UsageError("no prompt: pass --prompt TEXT or pipe text into standard input")
+            prompt = _read_text_arg(None, "the prompt on standard input")
+        else:
+            _check_utf8(prompt, "--prompt")
+        if prompt == "":
+            raise UsageError("the prompt is empty")
+    from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
-    from .train.trainer import sample_text
+    kw = dict(seed=ns.seed, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, stop=_stops(ns),
+              eos_token_id=_eos_ids(ns, model), repetition_penalty=ns.repetition_penalty)
+    if prompts is not None:
+        import json
+        from .generation.text import generate_texts
+        for p, text in zip(prompts, generate_texts(model, tok, prompts, ns.max_new_tokens, **kw)):
+            sys.stdout.write(json.dumps({"prompt": p, "completion": text}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return 0
+    from .generation.text import sample_text
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    sample_text(model, tok, prompt, ns.max_new_tokens, seed=ns.seed, temperature=ns.temperature,
-                top_k=ns.top_k, top_p=ns.top_p, stream=emit)
+    sample_text(model, tok, prompt, ns.max_new_tokens, stream=emit, **kw)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return 0
+
+
+def _check_sampling_args(ns: argparse.Namespace) -> None:
+    if ns.max_new_tokens < 0:
+        raise UsageError("--max-new-tokens must be >= 0")
+    if ns.temperature < 0 or not math.isfinite(ns.temperature):
+        raise UsageError("--temperature must be >= 0")
+    if ns.top_k is not None and ns.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if not (ns.repetition_penalty > 0 and math.isfinite(ns.repetition_penalty)):
+        raise UsageError("--repetition-penalty must be a number > 0 (1: off)")
+    for s in ns.stop or []:
+        if s == "":
+            raise UsageError("--stop must not be empty")
+        _check_utf8(s, "--stop")
+
+
+def _stops(ns: argparse.Namespace) -> List[str]:
+    return [s.replace("\\n", "\n") for s in (ns.stop or [])]
+
+
+def _eos_ids(ns: argparse.Namespace, model) -> Optional[List[int]]:
+    if ns.ignore_eos:
+        return None
+    ids = ns.eos if ns.eos else [getattr(model.config, "eos_token_id", None)]
+    ids = [i for i in ids if i is not None]
+    for i in ids:
+        if not 0 <= i < model.vocab_size:
+            raise UsageError(f"--eos {i} is outside the model's vocabulary [0, {model.vocab_size})")
+    return ids or None
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Command-line text with bytes that are not UTF-8 arrives with surrogate escapes: name the argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.start + 1].encode("utf-8", "surrogateescape")
+        raise UsageError(f"{what} is not valid UTF-8 (byte {bad!r} at character {e.start}); pass UTF-8 text") \
+            from None
+
+
+def _read_text_arg(path: Optional[str], what: str) -> str:
+    """The UTF-8 text of a file (or of standard input when path is None), errors naming the argument."""
+    try:
+        if path is None:
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path}: is a directory") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "" if path is None else f" {path}"
+        raise UsageError(f"{what}{where} is not valid UTF-8 (byte {data[e.start:e.start + 1]!r} at offset "
+                         f"{e.start})") from None
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    _check_sampling_args(ns)
+    for text, what in ((ns.template, "--template"), (ns.system or "", "--system")):
+        _check_utf8(text, what)
+    if "{text}" not in ns.template:
+        raise UsageError("--template must contain {text}")
+    from .runtime import pick_device
+    device = pick_device(ns.device, 0)
+    model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
+    from .generation.text import ChatSession
+    stops = _stops(ns) if ns.stop else ["\nUser:"]
+
+    def new_session():
+        return ChatSession(model, tok, user_template=ns.template.replace("\\n", "\n"), stop=stops,
+                           max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                           top_p=ns.top_p, repetition_penalty=ns.repetition_penalty,
+                           eos_token_id=_eos_ids(ns, model), seed=ns.seed,
+                           system=ns.system.replace("\\n", "\n") if ns.system else None)
+
+    session = new_session()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {ns.model} (empty line or Ctrl-D ends, /reset starts over)", file=sys.stderr)
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline().encode()
+        if not raw:
+            break
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            print(f"{_PROG} chat: that line is not valid UTF-8; skipped", file=sys.stderr)
+            continue
+        if line == "" and interactive:
+            break
+        if line.strip() == "/reset":
+            session = new_session()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        session.turn(line, stream=emit)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -349,14 +533,18 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise UsageError("--seq-len and --batch-size must be >= 1, --max-tokens >= 0")
     if ns.data is not None and not os.path.exists(ns.data):
         raise UsageError(f"--data {ns.data}: no such file or directory")
-    from .train.distributed import pick_device
+    from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
     from .data.corpus import load_corpus, load_memmap, load_text_documents, _encode_docs
-    from .train.evaluation import evaluate_stream
+    from .evaluation import evaluate_stream
     if ns.data is None:
         stream = load_corpus(None, tok).eval
         what = "held-out split of the standard-library corpus"
+    elif not ns.all:
+        # the split training uses: a text file's last lines, a folder's held-out documents, a token file's tail
+        stream = load_corpus(ns.data, tok, dtype=ns.data_dtype, eod_token=ns.eod_token).eval
+        what = f"held-out split of {ns.data}"
     elif ns.data.endswith((".bin", ".npy")):
         c = load_memmap(ns.data, ns.data_dtype, ns.eod_token, vocab_size=model.vocab_size)
         from .data.corpus import TokenStream
@@ -364,12 +552,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         toks = np.concatenate([np.asarray(c.train.tokens), np.asarray(c.eval.tokens)])
         starts = np.concatenate([c.train.doc_start, c.eval.doc_start[:1] * False, c.eval.doc_start[1:]])
         stream = TokenStream(toks, starts, int(starts.sum()))
-        what = ns.data
+        what = f"{ns.data} (all of it)"
     else:
         tr, ev, _ = load_text_documents(ns.data)
         texts = tr + ev if os.path.isdir(ns.data) else ["".join(tr + ev)]
         stream = _encode_docs(tok, texts)
-        what = ns.data
+        what = f"{ns.data} (all of it)"
     r = evaluate_stream(model, stream, tok.token_bytes(), ns.seq_len, ns.batch_size,
                         ns.max_tokens if ns.max_tokens > 0 else None)
     if ns.json:
@@ -377,6 +565,42 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     else:
         print(f"{what}: loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.3f} | "
               f"bits per byte {r['bpb']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    import shutil
+    import torch
+    from .loading import find_model_dir, from_pretrained
+    try:
+        find_model_dir(ns.src)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"SRC {e}") from None
+    if os.path.exists(ns.dst) and (not os.path.isdir(ns.dst) or os.listdir(ns.dst)):
+        raise UsageError(f"DST {ns.dst} exists and is not an empty directory")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[ns.dtype]
+    model = from_pretrained(ns.src, dtype=dtype)
+    if ns.to == "transformers" and getattr(model.config, "model_type", None) != "xlstm":
+        raise UsageError(f"SRC {ns.src} holds a {type(model).__name__} (the paper's xLSTM, model_type "
+                         f"{model.config.model_type!r}); transformers has only the 7B architecture (XLSTMLarge), "
+                         f"so it cannot be converted to the transformers format")
+    # an XLSTMLarge directory is written in transformers' own layout (config.json for xLSTMConfig, its parameter
+    # names); save_pretrained checks what transformers could not load
+    model.save_pretrained(ns.dst)
+    model_dir, ckpt_dir = find_model_dir(ns.src)
+    base = model_dir if model_dir is not None else ckpt_dir
+    parent = os.path.dirname(os.path.abspath(base)) if model_dir is not None else \
+        os.path.dirname(os.path.dirname(os.path.abspath(base)))
+    copied = []
+    for d in (base, parent):
+        for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(d, fn)) and not os.path.exists(os.path.join(ns.dst, fn)):
+                shutil.copyfile(os.path.join(d, fn), os.path.join(ns.dst, fn))
+                copied.append(fn)
+        if copied:
+            break
+    print(f"{ns.src} -> {ns.dst} ({ns.to} format{', with ' + ', '.join(copied) if copied else ''})",
+          file=sys.stderr)
     return 0
 
 
@@ -390,7 +614,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         from .serve.server import build_app, run_server
     except ImportError as e:
         raise UsageError(f"the server needs the 'serve' extra ({e}): pip install 'fastxlstm[serve]'") from None
-    from .train.distributed import pick_device
+    from .runtime import pick_device
     device = pick_device(ns.device, 0)
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
     model_dir, ckpt_dir = _find_model_dir(ns.model)
@@ -422,24 +646,33 @@ def cmd_presets(ns: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastxlstm`` script; returns the exit code (2 for usage errors)."""
-    parser = build_parser()
+    parser = build_parser(argv_command(argv) or None)
     debug = os.environ.get("FASTXLSTM_DEBUG", "") not in ("", "0")
-    from .data.corpus import CorpusError
-    from .train.checkpoint import CheckpointError
     try:
         ns = parser.parse_args(argv)
         if ns.command is None:
             parser.print_help()
             return 2
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "serve": cmd_serve,
-                "presets": cmd_presets}[ns.command](ns)
+        if ns.command in ("train", "generate", "eval", "chat", "convert", "serve"):
+            from .runtime import configure_cpu  # before torch is imported: the OpenMP wait policy
+            configure_cpu(getattr(ns, "threads", None))
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
+                "convert": cmd_convert, "serve": cmd_serve, "presets": cmd_presets}[ns.command](ns)
+    except BrokenPipeError:
+        # `fastxlstm generate ... | head`: the reader has gone; stop quietly like other Unix tools
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except UsageError as e:
         if debug:
             raise
         prog = f"{_PROG} {argv_command(argv)}".strip()
         print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # CorpusError, CheckpointError included
         if debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -449,8 +682,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        from .train.trainer import NonFiniteLoss
-        if isinstance(e, NonFiniteLoss) and not debug:
+        trainer = sys.modules.get("fastxlstm.train.trainer")  # never imported by the inference commands
+        if trainer is not None and isinstance(e, trainer.NonFiniteLoss) and not debug:
             print(f"{_PROG}: error: {e}", file=sys.stderr)
             return 1
         raise
@@ -459,7 +692,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def argv_command(argv: Optional[List[str]]) -> str:
     args = sys.argv[1:] if argv is None else argv
     for a in args:
-        if a in ("train", "generate", "eval", "serve", "presets"):
+        if a in ("train", "generate", "eval", "chat", "convert", "serve", "presets"):
             return a
     return ""
 

@@ -41,7 +41,7 @@ def reference_run(corpus, tmp_path_factory):
 
 def test_resume_gives_the_same_curve(corpus, reference_run, tmp_path):
     run = str(tmp_path / "run")
-    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, stop_at=STEPS // 2)) == 0
+    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, stop_at=STEPS // 2)) == 3
     assert [s for s, _ in ckpt.list_checkpoints(os.path.join(run, "checkpoints"))] == [STEPS // 2]
     assert not os.path.exists(os.path.join(run, "model"))
     assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, resume=True)) == 0
@@ -94,7 +94,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def one_checkpoint(corpus, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("ck") / "run")
-    assert main(fast_args(corpus, run, steps=3, stop_at=1)) == 0
+    assert main(fast_args(corpus, run, steps=3, stop_at=1)) == 3
     return run
 
 

@@ -86,7 +86,7 @@ def test_eval_carries_state_like_one_long_call(tmp_path):
     """evaluate_stream with small chunks == one call over everything (state carried, resets honoured)."""
     from fastxlstm.data.corpus import TokenStream
     from fastxlstm.models.presets import build_model
-    from fastxlstm.train.evaluation import evaluate_stream
+    from fastxlstm.evaluation import evaluate_stream
     import numpy as np
     torch.manual_seed(0)
     model = build_model("tiny").double()
@@ -125,7 +125,8 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, capsys):
     assert needle in lines[0] and "Traceback" not in err
 
 
-def test_cli_errors_from_inputs(tmp_path, capsys):
+def test_cli_errors_from_inputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the cases without --out would otherwise start runs/ in the repository
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "blank.txt").write_text("   \n")
@@ -156,6 +157,8 @@ def test_cli_errors_from_inputs(tmp_path, capsys):
         assert rc == 2, (argv, err)
         assert len(lines) == 1 and needle in lines[0], (argv, err)
         assert "Traceback" not in err
+    # none of the failed runs left a directory behind
+    assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
 
 
 def test_config_file_and_flag_precedence(tmp_path):

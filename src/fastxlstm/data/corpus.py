@@ -117,6 +117,30 @@ def _read_text_file(path: str) -> Optional[str]:
         return None
 
 
+def _jsonl_documents(path: str, name: str) -> List[Tuple[str, str]]:
+    """[(name#line, text)] of a JSON-lines file: one document per line, its "text" field (blank lines skipped)."""
+    import json
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"--data {path}: not UTF-8 (byte offset {e.start})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"--data {path}: line {i} is not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise CorpusError(f"--data {path}: line {i} has no string field \"text\" (JSON lines need "
+                              f"{{\"text\": \"...\"}} on every line)")
+        out.append((f"{name}#{i}", rec["text"]))
+    return out
+
+
 def _text_files(root: str) -> List[Tuple[str, str]]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -143,7 +167,9 @@ def load_text_documents(path: Optional[str]) -> Tuple[List[str], List[str], str]
     """The text documents of a corpus as (train texts, eval texts, description).
 
     path None: the standard library (one document per .py file). A file: one document, split at a line
-    boundary (the last ``DEFAULT_EVAL_FRACTION`` held out). A directory: every text file is a document."""
+    boundary (the last ``DEFAULT_EVAL_FRACTION`` held out). A directory: every text file is a document. A
+    JSON-lines file (.jsonl), alone or in a directory: every line's "text" field is a document. Documents are
+    held out by a stable hash of their names (file path, plus #line for JSON lines)."""
     eval_fraction = DEFAULT_EVAL_FRACTION
     if path is None:
         files = stdlib_documents()
@@ -151,33 +177,49 @@ def load_text_documents(path: Optional[str]) -> Tuple[List[str], List[str], str]
     elif os.path.isdir(path):
         files = _text_files(path)
         desc = f"directory {path}"
+    elif os.path.isfile(path) and path.lower().endswith(".jsonl"):
+        files = [(os.path.basename(path), path)]
+        desc = f"JSON lines {path}"
     elif os.path.isfile(path):
         text = _read_text_file(path)
         if text is None:
             raise CorpusError(f"--data {path}: not a UTF-8 text file (pre-tokenised data must end in .bin or .npy)")
         if not text.strip():
             raise CorpusError(f"--data {path}: the file is empty")
-        cut = int(len(text) * (1 - eval_fraction))
-        nl = text.rfind("\n", 0, cut)
-        cut = nl + 1 if nl > 0 else cut
-        train, ev = text[:cut], text[cut:]
-        if not ev:
-            train, ev = text, text[-max(1, len(text) // 10):]
-        return [train], [ev], f"file {path}"
+        return _split_one(text, f"file {path}")
     else:
         raise CorpusError(f"--data {path}: no such file or directory")
     texts, names = [], []
     for name, full in files:
+        if full.lower().endswith(".jsonl"):
+            for doc_name, t in _jsonl_documents(full, name):
+                if t:
+                    texts.append(t)
+                    names.append(doc_name)
+            continue
         t = _read_text_file(full)
         if t:
             texts.append(t)
             names.append(name)
     if not texts or not any(t.strip() for t in texts):
         raise CorpusError(f"--data {path if path is not None else 'default corpus'}: no non-empty text files found")
-    if len(texts) == 1:
+    if len(texts) == 1 and not any("#" in n for n in names):
         return load_text_documents(os.path.join(path, names[0]) if path is not None else files[0][1])
+    if len(texts) == 1:  # one JSON-lines document: split it like a text file
+        return _split_one(texts[0], f"{desc} (1 document)")
     tr, ev = _split_names(names, eval_fraction)
     return [texts[i] for i in tr], [texts[i] for i in ev], f"{desc}: {len(tr)} train / {len(ev)} held-out documents"
+
+
+def _split_one(text: str, desc: str) -> Tuple[List[str], List[str], str]:
+    """One document: the last ``DEFAULT_EVAL_FRACTION`` (from a line boundary) held out."""
+    cut = int(len(text) * (1 - DEFAULT_EVAL_FRACTION))
+    nl = text.rfind("\n", 0, cut)
+    cut = nl + 1 if nl > 0 else cut
+    train, ev = text[:cut], text[cut:]
+    if not ev:
+        train, ev = text, text[-max(1, len(text) // 10):]
+    return [train], [ev], desc
 
 
 def load_memmap(path: str, dtype: str = "uint16", eod_token: Optional[int] = None,

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .sampling import _check_int, _check_sampling, sample_next_token
+from .sampling import _check_int, _check_sampling, check_repetition_penalty, sample_next_token
 
 __all__ = ["generate", "generate_stream", "prepare_prompt"]
 
@@ -129,15 +129,35 @@ def _use_graph(model, use_cuda_graph) -> bool:
     return available if use_cuda_graph is None else use_cuda_graph
 
 
-def _pick_stream(model, use_cuda_graph, sync_every, *args):
+def _pick_stream(model, use_cuda_graph, sync_every, *args, penalty=(1.0, None)):
     if _use_graph(model, use_cuda_graph):
         from .graph import graph_stream
         return graph_stream(model, *args, sync_every=sync_every)
-    return _stream(model, *args)
+    return _stream(model, *args, penalty=penalty)
+
+
+def _graph_with_penalty(use: bool, use_cuda_graph, penalty) -> bool:
+    """The CUDA-graph decoder has no repetition penalty: the eager loop runs it (an explicit True is refused)."""
+    if penalty[0] == 1.0:
+        return use
+    if use_cuda_graph:
+        raise ValueError("repetition_penalty != 1 runs in the eager loop only; pass use_cuda_graph=None or False")
+    return False
+
+
+def _seen_mask(ids, vocab_size, resets):
+    """(B, V) bool: the tokens of each row's prompt (left padding before the row's reset excluded)."""
+    B, S = ids.shape
+    real = torch.ones(B, S, dtype=torch.bool, device=ids.device)
+    if resets is not None:
+        first = torch.where(resets.any(dim=1), resets.float().argmax(dim=1), torch.zeros_like(ids[:, 0]))
+        real = torch.arange(S, device=ids.device)[None, :] >= first[:, None]
+    seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, torch.where(real, ids, ids[:, -1:]), True)
 
 
 def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, pad_token_id,
-           attention_mask, seed, generator):
+           attention_mask, seed, generator, repetition_penalty=1.0):
     ids = model.check_input_ids(input_ids)
     if ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one prompt token per row")
@@ -160,11 +180,14 @@ def _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sampl
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     resets = prepare_prompt(ids, attention_mask, explicit_pad)
-    return ids, sample, eos, fill, generator, resets
+    penalty = check_repetition_penalty(repetition_penalty)
+    seen = _seen_mask(ids, V, resets) if penalty != 1.0 else None
+    return ids, sample, eos, fill, generator, resets, (penalty, seen)
 
 
 def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill, generator, resets,
-            final: Optional[list]) -> Iterator[torch.Tensor]:
+            final: Optional[list], penalty=(1.0, None)) -> Iterator[torch.Tensor]:
+    repetition_penalty, seen = penalty
     if max_new_tokens == 0:
         if final is not None:
             final.append(_prefill(model, ids, resets)[1])
@@ -174,7 +197,10 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, 
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
     for step in range(max_new_tokens):
-        tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
+        tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator,
+                                repetition_penalty=repetition_penalty, seen=seen)
+        if seen is not None:
+            seen[torch.arange(B, device=ids.device), tok] = True
         if eos_t is not None:
             tok = torch.where(finished, torch.full_like(tok, fill), tok)
             finished = finished | torch.isin(tok, eos_t)
@@ -206,15 +232,15 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
                     eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                     attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                     generator: Optional[torch.Generator] = None,
-                    use_cuda_graph: Optional[bool] = None) -> Iterator[torch.Tensor]:
+                    use_cuda_graph: Optional[bool] = None, repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
     """Yield the new tokens, one (B,) int64 tensor per step (at most ``max_new_tokens``; fewer when every row
     has emitted an eos). Arguments as for :func:`generate`; they are validated before the first step."""
     args = _setup(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
-                  pad_token_id, attention_mask, seed, generator)
-    ids, sample, eos, fill, generator, resets = args
-    use = _use_graph(model, use_cuda_graph)
+                  pad_token_id, attention_mask, seed, generator, repetition_penalty)
+    ids, sample, eos, fill, generator, resets, penalty = args
+    use = _graph_with_penalty(_use_graph(model, use_cuda_graph), use_cuda_graph, penalty)
     return _pick_stream(model, use, 1, ids, max_new_tokens, temperature, top_k, top_p, sample, eos, fill,
-                        generator, resets, None)
+                        generator, resets, None, penalty=penalty)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -223,7 +249,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
              attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None,
              stream: Optional[Callable[[torch.Tensor], None]] = None, return_state: bool = False,
-             use_cuda_graph: Optional[bool] = None):
+             use_cuda_graph: Optional[bool] = None, repetition_penalty: float = 1.0):
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -243,6 +269,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         use_cuda_graph: decode with a captured CUDA graph (:mod:`fastxlstm.generation.graph`): None (default) uses
             it whenever the model is on a CUDA device, False forces the eager loop, True requires the graph. Both
             paths choose the same tokens (greedy: identical; sampling: the same uniform draws per step).
+        repetition_penalty: > 1 makes tokens already in the row (prompt or generated) less likely: their
+            logits are divided by it where positive, multiplied where negative (1: off; the eager loop runs it).
 
     Returns:
         (B, S + n) int64: the prompts followed by n <= max_new_tokens new tokens (n < max_new_tokens only when all
@@ -250,17 +278,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     """
     if stream is not None and not callable(stream):
         raise ValueError(f"stream must be a callable taking a (B,) tensor, got {type(stream).__name__}")
-    ids, sample, eos, fill, generator, resets = _setup(model, input_ids, max_new_tokens, temperature, top_k,
-                                                       top_p, do_sample, eos_token_id, pad_token_id,
-                                                       attention_mask, seed, generator)
-    use = _use_graph(model, use_cuda_graph)
+    ids, sample, eos, fill, generator, resets, penalty = _setup(model, input_ids, max_new_tokens, temperature,
+                                                                top_k, top_p, do_sample, eos_token_id, pad_token_id,
+                                                                attention_mask, seed, generator, repetition_penalty)
+    use = _graph_with_penalty(_use_graph(model, use_cuda_graph), use_cuda_graph, penalty)
     # without a per-token consumer, the graph path checks for "all rows finished" every 8 steps only, so the host
     # runs ahead of the GPU; the steps past the end are trimmed below
     sync_every = 8 if (use and stream is None and not return_state) else 1
     final: list = []
     new = []
     for tok in _pick_stream(model, use, sync_every, ids, max_new_tokens, temperature, top_k, top_p, sample, eos,
-                            fill, generator, resets, final):
+                            fill, generator, resets, final, penalty=penalty):
         new.append(tok)
         if stream is not None:
             stream(tok)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sample_next_token", "pick_with_uniform"]
+__all__ = ["sample_next_token", "pick_with_uniform", "apply_repetition_penalty"]
 
 
 def _check_int(name, v, lo=None):
@@ -34,9 +34,30 @@ def _check_sampling(temperature, top_k, top_p, do_sample, vocab_size):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def check_repetition_penalty(repetition_penalty) -> float:
+    if not isinstance(repetition_penalty, (int, float)) or isinstance(repetition_penalty, bool) \
+            or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+    return float(repetition_penalty)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL / transformers repetition penalty: the logits (B, V) of the tokens marked in ``seen`` (B, V)
+    bool are divided by ``penalty`` where positive and multiplied by it where negative (penalty > 1 makes
+    repeats less likely)."""
+    if penalty == 1.0:
+        return logits
+    if seen.shape != logits.shape or seen.dtype != torch.bool:
+        raise ValueError(f"seen must be a bool tensor of the logits' shape {tuple(logits.shape)}, got "
+                         f"{seen.dtype} {tuple(seen.shape)}")
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                       top_p: Optional[float] = None, do_sample: Optional[bool] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None, repetition_penalty: float = 1.0,
+                      seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy (argmax, first index on ties) when not sampling, else
     sample from softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
     probability reaches top_p (the most likely token is always kept). Returns (B,) int64.
@@ -44,8 +65,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     Sampling draws one uniform number per row (``torch.rand(B, generator=generator)``) and inverts the cumulative
     distribution (:func:`pick_with_uniform`), the same deterministic function the CUDA-graph decoder captures, so
     both paths choose the same token for the same logits and seed. A tiny temperature (e.g. 1e-40) tends to
-    greedy without overflow (the logits are shifted by their maximum before the division)."""
+    greedy without overflow (the logits are shifted by their maximum before the division).
+
+    repetition_penalty (default 1: off) with seen (B, V) bool, the tokens already in each row: see
+    :func:`apply_repetition_penalty`; applied before greedy selection or temperature."""
     sample = _check_sampling(temperature, top_k, top_p, do_sample, logits.shape[-1])
+    penalty = check_repetition_penalty(repetition_penalty)
+    if penalty != 1.0:
+        if seen is None:
+            raise ValueError("repetition_penalty needs seen, the (B, V) bool mask of tokens already in each row")
+        logits = apply_repetition_penalty(logits.float(), seen, penalty)
     if not sample:
         return logits.float().argmax(dim=-1)
     u = torch.rand(logits.shape[0], generator=generator, device=logits.device)

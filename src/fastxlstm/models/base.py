@@ -31,7 +31,7 @@ per-token memory a subclass keeps (cell states, conv windows) must honour them.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -105,6 +105,20 @@ class XLSTMModelBase(nn.Module):
 
     def get_output_embeddings(self) -> Optional[nn.Linear]:
         return getattr(self, "lm_head", None)
+
+    def optim_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+        """AdamW parameter groups: decay on >= 2-D weights except embeddings, convs and recurrent kernels (the
+        default; a model that knows better overrides it)."""
+        decay, no_decay, seen = [], [], set()
+        emb_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for name, p in self.named_parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            lname = name.lower()
+            is_matrix = (p.ndim >= 2 and id(p) not in emb_ids and "recurrent" not in lname and "conv" not in lname)
+            (decay if is_matrix else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ------------------------------------------------------------------------------------------------------
     # training speed: compiled blocks, activation checkpointing, the chunked loss

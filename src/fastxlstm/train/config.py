@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["TrainConfig", "load_config_file", "HELP"]
+__all__ = ["TrainConfig", "load_config_file", "HELP", "merge_resume_config", "RESUME_FIXED", "PER_INVOCATION"]
 
 HELP = {
     "preset": "model preset (fastxlstm presets lists them: tiny, small, 125m ... 2.7b, 7b)",
     "model": "overrides of the model config's fields (from a config file, or --model-config key=value)",
-    "data": "training text: a text file, a directory of text files, or pre-tokenised .bin/.npy "
+    "data": "training text: a text file, a JSON-lines file (a \"text\" field per line), a directory of them, or "
+            "pre-tokenised .bin/.npy "
             "(default: the running interpreter's standard library, no download)",
     "data_dtype": "dtype of a raw .bin token file",
     "eod_token": "token id that ends a document in .bin/.npy data (the state is reset after it)",
     "tokenizer": "'bytes' (default) or a local tokenizer.json (or a directory holding one)",
+    "init_from": "start from this model's weights and tokenizer (a fastxlstm model or run directory, or a "
+                 "transformers xLSTM directory): fine-tuning; --preset and --model-config do not apply",
     "train_tokenizer": "train a byte-level BPE of this vocabulary size on the training split first",
     "steps": "optimizer steps",
     "batch_size": "sequences per micro-batch per process",
@@ -39,14 +42,16 @@ HELP = {
     "keep_checkpoints": "how many recent checkpoints to keep",
     "out": "run directory (default runs/<timestamp>; runs/latest points to the newest run)",
     "seed": "random seed (model init, data order, sampling)",
-    "resume": "continue from the latest checkpoint in --out (default --out: runs/latest)",
+    "resume": "continue from the latest checkpoint in --out (default --out: runs/latest) with the run's own "
+              "settings; flags given again may change --steps, intervals and optimiser settings, not the data "
+              "or the model",
     "device": "cpu, cuda, cuda:N (default: cuda if available)",
     "fsdp": "shard the model with FSDP2 (fully_shard) under torchrun instead of DDP",
     "tensorboard": "also write TensorBoard logs to <out>/tensorboard",
     "sample_tokens": "tokens of the sample printed and saved after training (0: none)",
     "sample_prompt": "prompt of that sample",
-    "stop_at": "stop (with a checkpoint) after this step, as if interrupted; resume later with --resume",
-    "threads": "CPU threads for torch (0: torch's default)",
+    "stop_at": "stop (with a checkpoint, exit code 3) after this step; resume later with --resume",
+    "threads": "CPU threads (0: the free cores, from the affinity mask and the load average)",
     "progress": "show a progress bar",
 }
 
@@ -59,6 +64,7 @@ class TrainConfig:
     data_dtype: str = "uint16"
     eod_token: Optional[int] = None
     tokenizer: str = "bytes"
+    init_from: Optional[str] = None
     train_tokenizer: Optional[int] = None
     steps: int = 360
     batch_size: int = 32
@@ -120,6 +126,11 @@ class TrainConfig:
             pos_int("train_tokenizer")
             if self.tokenizer not in ("bytes", "byte"):
                 raise ValueError("--train-tokenizer and --tokenizer FILE exclude each other")
+            if self.init_from is not None:
+                raise ValueError("--train-tokenizer and --init-from exclude each other (the model brings its "
+                                 "tokenizer)")
+        if self.init_from is not None and self.tokenizer not in ("bytes", "byte"):
+            raise ValueError("--init-from uses the model's own tokenizer; leave out --tokenizer")
         if self.stop_at is not None:
             pos_int("stop_at")
         if self.eod_token is not None:
@@ -146,6 +157,46 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2, sort_keys=False)
             f.write("\n")
         os.replace(tmp, path)
+
+
+# what a resumed run keeps from its directory whatever the flags say (changing any of them would make it another
+# run: other data order, other model, other token ids)
+RESUME_FIXED = ("preset", "model", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer", "init_from",
+                "seq_len", "seed")
+# how to run this invocation, not what the run is: never restored from the directory
+PER_INVOCATION = ("out", "resume", "stop_at", "device", "threads", "progress")
+
+
+def given_fields(cfg: "TrainConfig") -> set:
+    """The fields of ``cfg`` that differ from the defaults (what a Python caller evidently chose)."""
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def merge_resume_config(saved: Dict[str, Any], cfg: "TrainConfig", given) -> "Tuple[TrainConfig, List[str]]":
+    """The configuration of a resumed run: the run's saved settings, with the fields in ``given`` (those the user
+    set again) taken from ``cfg`` where that is safe. Returns (config, notes for the user).
+
+    Changing a field of RESUME_FIXED raises ValueError; PER_INVOCATION fields always come from ``cfg``; the others
+    (steps, intervals, optimiser settings, batch) may change, each with a note."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    notes = []
+    for name in sorted(known):
+        new = getattr(cfg, name)
+        if name in PER_INVOCATION:
+            values[name] = new
+            continue
+        if name not in given or name not in values or values[name] == new:
+            continue
+        if name in RESUME_FIXED:
+            what = "model config overrides" if name == "model" else _flag(name)
+            raise ValueError(f"--resume: this run was started with {what} {values[name]!r}, not {new!r}; a resumed "
+                             f"run keeps its data, model, preset, tokenizer, --seq-len and --seed. Start a new run "
+                             f"(--init-from {os.path.join('RUN', 'model')} to continue from its weights) instead")
+        notes.append(f"{_flag(name)}: {new!r} (the run had {values[name]!r})")
+        values[name] = new
+    return TrainConfig.from_dict(values), notes
 
 
 def _flag(name: str) -> str:
@@ -176,6 +227,12 @@ def load_config_file(path: str) -> Dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
     except Exception as e:  # yaml.YAMLError and friends
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context = getattr(e, "context", None)
+            raise ValueError(f"--config {path}: line {mark.line + 1}, column {mark.column + 1}: {problem}"
+                             + (f" ({context})" if context else "")) from None
         raise ValueError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
     if data is None:
         data = {}

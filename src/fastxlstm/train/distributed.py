@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..runtime import pick_device
+
 __all__ = ["DistInfo", "init_distributed", "wrap_model", "all_reduce_sum", "broadcast_str", "barrier", "shutdown"]
 
 
@@ -29,25 +31,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(spec: Optional[str], local_rank: int) -> torch.device:
-    if spec is None or spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-        if dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise ValueError(f"--device {spec}: unsupported device type {dev.type}")
-    return dev
 
 
 def init_distributed(device_spec: Optional[str]) -> DistInfo:
