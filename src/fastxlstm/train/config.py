@@ -34,7 +34,12 @@ HELP = {
     "beta2": "AdamW beta2",
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "precision": "fp32, or bf16 (autocast; for CUDA)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the whole model (without the fast path; the fast path compiles the blocks itself)",
+    "fast_path": "the training fast path: every block compiled with torch.compile and a chunked cross entropy "
+                 "that never forms the float32 logits (default: on for CUDA, off elsewhere, where the eager "
+                 "path is the reference)",
+    "activation_checkpointing": "recompute each block's activations in the backward (less memory, ~1/3 more "
+                                "compute)",
     "eval_every": "evaluate held-out bits per byte every this many steps (0: only at start and end)",
     "eval_windows": "held-out windows per evaluation",
     "log_every": "write training metrics every this many steps",
@@ -79,6 +84,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     compile: bool = False
+    fast_path: Optional[bool] = None
+    activation_checkpointing: bool = False
     eval_every: int = 60
     eval_windows: int = 128
     log_every: int = 10
@@ -135,7 +142,9 @@ class TrainConfig:
             pos_int("stop_at")
         if self.eod_token is not None:
             pos_int("eod_token", allow_zero=True)
-        for n in ("compile", "resume", "fsdp", "tensorboard", "progress"):
+        if self.fast_path is not None and not isinstance(self.fast_path, bool):
+            raise ValueError(f"--fast-path must be true, false or none (auto), got {self.fast_path!r}")
+        for n in ("compile", "activation_checkpointing", "resume", "fsdp", "tensorboard", "progress"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{_flag(n)} must be true or false, got {getattr(self, n)!r}")
 

@@ -171,6 +171,7 @@ class _Run:
     bpb_start: Optional[float] = None
     last_good: Optional[str] = None
     t_loop: float = 0.0
+    fast: bool = False          # the training fast path (compiled blocks + chunked loss): see TrainConfig.fast_path
 
 
 def _open_run_dir(cfg: TrainConfig, info: DistInfo, run: _Run) -> Tuple[Optional[str], bool]:
@@ -285,7 +286,13 @@ def _setup(cfg: TrainConfig, info: DistInfo, given, run: _Run) -> _Run:
                f"device {device}, world size {info.world_size}{', FSDP2' if cfg.fsdp else ''}")
     run.fwd = wrap_model(model, info, cfg.fsdp)       # FSDP2: in place; single process: the model itself
     run.core = model
-    if cfg.compile:
+    run.fast = cfg.fast_path if cfg.fast_path is not None else device.type == "cuda"
+    if cfg.activation_checkpointing:
+        run.core.set_activation_checkpointing(True)
+    if run.fast:
+        # compiled blocks (in place: parameter names, hence checkpoint keys, unchanged) and the chunked loss
+        run.core.compile_blocks()
+    elif cfg.compile:
         run.core.compile()                            # in place: parameter names (checkpoint keys) unchanged
     run.optimizer = build_optimizer(run.core, cfg, device)
 
@@ -423,8 +430,13 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback, given) -> Dict[str, 
                     sync = (mi == len(micros) - 1) or not hasattr(fwd, "no_sync")
                     with contextlib.nullcontext() if sync else fwd.no_sync():
                         with _autocast(cfg, device):
-                            out_ = fwd(mb.input_ids, resets=mb.resets, return_state=False)
-                        nll = lm_loss(out_.logits, mb.targets, mb.mask)
+                            if run.fast:  # the summed cross entropy, chunk by chunk: no float32 logits
+                                nll = fwd(mb.input_ids, resets=mb.resets, return_state=False,
+                                          labels=mb.targets.masked_fill(~mb.mask, -100),
+                                          loss_reduction="sum").loss.float()
+                            else:
+                                nll = lm_loss(fwd(mb.input_ids, resets=mb.resets, return_state=False).logits,
+                                              mb.targets, mb.mask)
                         (nll * scale).backward()
                     loss_sum += nll.detach().double()
                 grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(),
