@@ -121,15 +121,9 @@ def build_model_config(preset: str, overrides: Dict[str, Any], vocab_size: int):
 
 
 def config_from_dict(d: Dict[str, Any]):
-    """Rebuild a model config from ``to_dict()`` output (model_type picks the class)."""
-    mt = d.get("model_type")
-    if mt == "xlstm_lm":
-        from ..models.xlstm_lm import XLSTMLMConfig
-        return XLSTMLMConfig.from_dict(d)
-    if mt == "xlstm":
-        from ..models.xlstm_large import XLSTMLargeConfig
-        return XLSTMLargeConfig.from_dict(d)
-    raise ValueError(f"unknown model_type {mt!r} in a checkpoint's model config")
+    """Rebuild a model config from ``to_dict()`` output (model_type picks the class: models/registry.py)."""
+    from ..models.registry import config_from_dict as _from_dict
+    return _from_dict(d)
 
 
 def _timestamp() -> str:
