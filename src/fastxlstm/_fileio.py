@@ -45,7 +45,7 @@ from typing import Iterator, List, Optional
 
 __all__ = ["CheckpointError", "atomic_file", "write_json", "write_safetensors", "read_json", "fsync_file",
            "fsync_dir", "fsync_tree", "make_temp_dir", "publish_dir", "remove_dir", "recover_dir", "readable_dir",
-           "clean_leftovers", "new_file_mode"]
+           "clean_leftovers", "interrupted_copies", "new_file_mode"]
 
 
 class CheckpointError(ValueError):
@@ -313,6 +313,19 @@ def _interrupted_copy(target: str) -> Optional[str]:
             return new  # renamed aside only after the new copy was complete and fsynced
         return os.path.join(parent, m.group(0))
     return None
+
+
+def interrupted_copies(parent: str) -> dict:
+    """{name: path} of the complete copies that saves killed between their two renames left in ``parent`` for
+    entries ``name`` that are absent (see :func:`readable_dir`)."""
+    out = {}
+    for name in sorted({m.group("name") for m in _leftovers(parent) if m.group("kind") == "old"}):
+        target = os.path.join(parent, name)
+        if not os.path.lexists(target):
+            copy = _interrupted_copy(target)
+            if copy is not None:
+                out[name] = copy
+    return out
 
 
 def readable_dir(target: str) -> str:

@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import (CheckpointError, clean_leftovers, make_temp_dir, publish_dir, read_json, remove_dir,
-                       write_json, write_safetensors)
+from .._fileio import (CheckpointError, clean_leftovers, interrupted_copies, make_temp_dir, publish_dir, read_json,
+                       remove_dir, write_json, write_safetensors)
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "verify_checkpoint"]
@@ -184,7 +184,9 @@ def save_checkpoint(ckpt_root: str, step: int, model_sd: Dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------
 
 def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str]]:
-    """[(step, path)] of the finished checkpoints under ckpt_root, oldest first (temporary dirs ignored)."""
+    """[(step, path)] of the finished checkpoints under ckpt_root, oldest first (temporary dirs ignored). A
+    checkpoint whose save was killed between the two renames of the fallback path (file systems without an atomic
+    exchange) is listed at its complete copy beside the missing ``step_<N>``; the next save puts it back."""
     if not os.path.isdir(ckpt_root):
         return []
     out = []
@@ -192,6 +194,10 @@ def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str]]:
         m = _STEP_RE.match(fn)
         if m and os.path.isdir(os.path.join(ckpt_root, fn)):
             out.append((int(m.group(1)), os.path.join(ckpt_root, fn)))
+    for fn, copy in interrupted_copies(ckpt_root).items():
+        m = _STEP_RE.match(fn)
+        if m:
+            out.append((int(m.group(1)), copy))
     return sorted(out)
 
 
