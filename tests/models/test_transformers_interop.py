@@ -15,7 +15,9 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from oracles import require_oracle  # noqa: E402
+
+transformers = require_oracle("transformers")
 from transformers import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
 from fastxlstm.interop.transformers import (config_from_transformers_dict, config_to_transformers_dict,  # noqa: E402
