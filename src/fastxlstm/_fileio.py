@@ -43,7 +43,7 @@ import threading
 import warnings
 from typing import Iterator, List, Optional
 
-__all__ = ["CheckpointError", "atomic_file", "write_json", "write_safetensors", "read_json", "fsync_file",
+__all__ = ["CheckpointError", "atomic_file", "write_text", "write_json", "write_safetensors", "read_json", "fsync_file",
            "fsync_dir", "fsync_tree", "make_temp_dir", "publish_dir", "remove_dir", "recover_dir", "readable_dir",
            "clean_leftovers", "interrupted_copies", "new_file_mode"]
 
@@ -136,6 +136,13 @@ def atomic_file(path: str) -> Iterator[str]:
             os.unlink(tmp)
         raise
     fsync_dir(parent)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write UTF-8 text atomically and durably."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
 
 
 def write_json(path: str, obj, indent: int = 2, sort_keys: bool = False) -> None:
