@@ -8,8 +8,11 @@ it, so no reader ever sees a half-written file under its final name.
 
 Directories. A checkpoint is several files (config.json and weights) that must change together, and its layout is
 fixed by transformers (``config.json``, ``model.safetensors``...), so there is no room for a commit file that
-transformers would honour. The whole new directory is therefore assembled under a temporary sibling name
-(:func:`make_temp_dir`, everything fsynced) and :func:`publish_dir` puts it in place:
+transformers would honour (swapping files one by one with an index written last would show transformers a mix of
+old and new files). A symlink swapped with ``os.replace`` would be atomic too, but it turns the user's directory
+into a link to a hidden one and cannot replace an existing real directory without an exchange anyway. The whole
+new directory is therefore assembled under a temporary sibling name (:func:`make_temp_dir`, everything fsynced) and
+:func:`publish_dir` puts it in place:
 
 * target absent: one ``rename``. The target appears complete or not at all.
 * target present, Linux (``renameat2(RENAME_EXCHANGE)``) or macOS (``renamex_np(RENAME_SWAP)``): the two
@@ -33,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import re
@@ -193,6 +197,7 @@ def make_temp_dir(target: str) -> str:
             continue
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -285,6 +290,8 @@ def remove_dir(path: str) -> None:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own earlier, failed attempt (a live save of ours holds no leftover while we look)
+    if os.name == "nt":  # pragma: no cover - os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
