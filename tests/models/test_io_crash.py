@@ -168,3 +168,14 @@ def test_checkpoint_files_get_the_default_mode(tmp_path):
     for f in os.listdir(tmp_path / "ck"):
         assert os.stat(tmp_path / "ck" / f).st_mode & 0o777 == 0o666 & ~mask, f
     assert os.stat(tmp_path / "ck").st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_one_checkpoint_error_class(tmp_path):
+    import fastxlstm.models.io as io_mod
+    import fastxlstm.train.checkpoint as train_ckpt
+    assert io_mod.CheckpointError is train_ckpt.CheckpointError is fileio.CheckpointError
+    assert issubclass(fileio.CheckpointError, ValueError)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{oops")
+    with pytest.raises(train_ckpt.CheckpointError, match=r"config.json: not valid JSON \(model config"):
+        from_pretrained(tmp_path / "bad")
