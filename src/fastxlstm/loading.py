@@ -50,15 +50,9 @@ def find_model_dir(path) -> Tuple[Optional[str], Optional[str]]:
 
 
 def config_from_dict(d: dict):
-    """Rebuild a model config from its ``to_dict()`` output (``model_type`` picks the class)."""
-    mt = d.get("model_type") if isinstance(d, dict) else None
-    if mt == "xlstm_lm":
-        from .models.xlstm_lm import XLSTMLMConfig
-        return XLSTMLMConfig.from_dict(d)
-    if mt == "xlstm":
-        from .models.xlstm_large import XLSTMLargeConfig
-        return XLSTMLargeConfig.from_dict(d)
-    raise ValueError(f"unknown model_type {mt!r} in a checkpoint's model config")
+    """Rebuild a model config from its ``to_dict()`` output (``model_type`` picks the class: models/registry.py)."""
+    from .models.registry import config_from_dict as _from_dict
+    return _from_dict(d)
 
 
 def _tokenizer_dirs(model_dir: Optional[str], ckpt_dir: Optional[str]):

@@ -12,7 +12,9 @@ import torch
 
 from helpers import rel_err, record
 
-xlstm = pytest.importorskip("xlstm")  # listed in the [dev] extra; the oracle for these tests
+from oracles import require_oracle  # noqa: E402
+
+xlstm = require_oracle("xlstm")  # listed in the [dev] extra (Python >= 3.11); the oracle for these tests
 
 from fastxlstm.interop.official import from_official  # noqa: E402
 from fastxlstm.models.xlstm_lm import XLSTMLM  # noqa: E402

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("xlstm.xlstm_large.model")
+from oracles import require_oracle  # noqa: E402
+
+require_oracle("xlstm.xlstm_large.model")
 from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig  # noqa: E402
 
 from fastxlstm.interop.official_large import (OFFICIAL_CPU_KERNELS, config_from_official_large,  # noqa: E402

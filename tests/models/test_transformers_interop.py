@@ -15,7 +15,9 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from oracles import require_oracle  # noqa: E402
+
+transformers = require_oracle("transformers")
 from transformers import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
 from fastxlstm.interop.transformers import (config_from_transformers_dict, config_to_transformers_dict,  # noqa: E402
@@ -210,3 +212,59 @@ def test_config_conversion():
         warnings.simplefilter("error")
         alias_only = {k: v for k, v in d.items() if k not in ("hidden_size", "num_hidden_layers")}
         assert config_from_transformers_dict(alias_only) == c
+
+
+# (hidden_size, num_heads, qk_dim_factor, v_dim_factor) -> does transformers run it? Decided by running it below,
+# and predicted exactly by transformers_head_dim_mismatch, including a config whose widths transformers rounds up
+# but whose head sizes still agree (130 / 65 heads).
+HEAD_DIM_CASES = [(64, 4, 0.5, 1.0),   # the 7b-tiny preset: qk heads 8 in the layers, 16 in transformers' cache
+                  (64, 2, 1.0, 1.0), (128, 2, 0.5, 1.0), (64, 1, 0.5, 0.5), (96, 2, 1.0, 1.0), (192, 3, 0.5, 1.0),
+                  (130, 65, 0.5, 1.0)]
+
+
+@pytest.mark.parametrize("hidden,heads,qkf,vf", HEAD_DIM_CASES)
+def test_head_size_check_is_exactly_what_transformers_runs(tmp_path, hidden, heads, qkf, vf):
+    from fastxlstm.interop.transformers import TransformersCompatibilityWarning, transformers_head_dim_mismatch
+    config = XLSTMLargeConfig(vocab_size=48, hidden_size=hidden, num_hidden_layers=1, num_heads=heads,
+                              qk_dim_factor=qkf, v_dim_factor=vf, chunk_size=16, ffn_proj_factor=1.0,
+                              ffn_round_up_to_multiple_of=16, pad_token_id=None, bos_token_id=None,
+                              eos_token_id=None)
+    predicted_ok = transformers_head_dim_mismatch(config) is None
+    ours = XLSTMLarge(config).eval()
+    randomise_(ours, hidden + heads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours.save_pretrained(tmp_path / "ck")
+    warned = [w for w in caught if issubclass(w.category, TransformersCompatibilityWarning)]
+    assert len(warned) == (0 if predicted_ok else 1)
+    # transformers loads the directory either way; whether it then runs (its cached forward) is the truth
+    hf = xLSTMForCausalLM.from_pretrained(tmp_path / "ck", autocast_kernel_dtype="float32").eval()
+    ids = ids_for(48, 9, hidden)
+    with torch.no_grad():
+        try:
+            ref = hf(ids, use_cache=True).logits
+            runs = True
+        except (RuntimeError, ValueError):
+            runs = False
+        assert runs == predicted_ok, f"transformers runs={runs}, predicted {predicted_ok}"
+        if runs:
+            assert rel_err(ours(ids).logits, ref) < 1e-4
+            gen = hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+            assert torch.equal(ours.generate(ids, 4, temperature=0), gen)
+    if predicted_ok:
+        assert isinstance(to_transformers_model(ours, **CPU_KERNELS), xLSTMForCausalLM)
+    else:
+        assert "cache gives the" in str(warned[0].message)
+        with pytest.raises(ValueError, match="fail in its first cached forward"):
+            to_transformers_config(config)
+        with pytest.raises(ValueError, match="fail in its first cached forward"):
+            to_transformers_model(ours, **CPU_KERNELS)
+    assert from_pretrained(tmp_path / "ck").config == config  # fastxlstm reads it back in every case
+
+
+def test_7b_tiny_preset_is_flagged():
+    from fastxlstm.interop.transformers import transformers_head_dim_mismatch
+    from fastxlstm.models.presets import get_preset
+    assert "qk heads 16 features" in transformers_head_dim_mismatch(get_preset("7b-tiny"))
+    assert transformers_head_dim_mismatch(get_preset("7b")) is None

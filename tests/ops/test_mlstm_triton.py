@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from oracles import require_oracle
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (B, NH, S, DQK, DV, dtype, with_state, resets, gates, config)
@@ -164,7 +166,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
+    require_oracle("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -244,7 +246,7 @@ def _aot_worker() -> None:
 
 
 def test_kernels_compile_for_hopper():
-    pytest.importorskip("triton")
+    require_oracle("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], env=env, capture_output=True,

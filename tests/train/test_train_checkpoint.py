@@ -2,16 +2,19 @@
 corrupt checkpoints give a clear error, writes are atomic and contain no pickle."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastxlstm
 import fastxlstm.train.trainer as trainer_mod
-from fastxlstm.cli import _train_config, build_parser, main
+from fastxlstm.cli import main
 from fastxlstm.train import checkpoint as ckpt
 from train_helpers import fast_args, read_metrics, write_corpus
 
@@ -50,19 +53,39 @@ def test_resume_gives_the_same_curve(corpus, reference_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Run in a child process: the signal goes to the process that trains, never to pytest (or an xdist worker) itself.
+_INTERRUPTED_CHILD = r"""
+import json, os, signal, sys
+import fastxlstm
+import fastxlstm.train.trainer as trainer_mod
+from fastxlstm.cli import _train_config, build_parser
+args, sig = json.loads(sys.argv[1]), getattr(signal, sys.argv[2])
+cfg = _train_config(build_parser().parse_args(args))
+old = signal.getsignal(sig)
+
+def interrupt(step, rec):
+    if step == 2:
+        os.kill(os.getpid(), sig)
+
+summary = trainer_mod.train(cfg, step_callback=interrupt)
+print(json.dumps({"stopped": summary["stopped"], "steps": summary["steps"],
+                  "handler_restored": signal.getsignal(sig) is old}))
+"""
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(corpus, reference_run, tmp_path, sig):
     run = str(tmp_path / "run")
-    cfg = _train_config(build_parser().parse_args(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2)))
-    old = signal.getsignal(getattr(signal, sig))
-
-    def interrupt(step, rec):
-        if step == 2:
-            os.kill(os.getpid(), getattr(signal, sig))
-
-    summary = trainer_mod.train(cfg, step_callback=interrupt)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(fastxlstm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHILD,
+                           json.dumps(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2)), sig,
+                           str(torch.get_num_threads())],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["stopped"] == "interrupted" and summary["steps"] == 2
-    assert signal.getsignal(getattr(signal, sig)) is old  # the handler is put back
+    assert summary["handler_restored"]  # the handler is put back
     assert [s for s, _ in ckpt.list_checkpoints(os.path.join(run, "checkpoints"))] == [2]
     assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, resume=True)) == 0
     assert _curve(run) == _curve(reference_run)

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from oracles import require_oracle  # noqa: E402
+
+transformers = require_oracle("transformers")
 
 from fastxlstm.cli import main  # noqa: E402
 from fastxlstm.data import train_bpe  # noqa: E402

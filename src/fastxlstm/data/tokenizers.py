@@ -215,7 +215,5 @@ def resolve_tokenizer(spec: str):
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .._fileio import write_text
+    write_text(path, text)

@@ -8,11 +8,19 @@ Layout (the transformers layout, so that 7B-architecture directories are interch
     dir/model-00001-of-0000N.safetensors    shards, and
     dir/model.safetensors.index.json        {"metadata": {"total_size": bytes}, "weight_map": {key: shard file}}
 
-Atomicity: everything is written into a temporary sibling directory first (files fsynced), which then replaces the
-target with ``os.replace``. If the target already exists, it is first renamed aside and removed only after the new
-one is in place, so at every instant ``dir`` is either the complete old checkpoint, absent (both complete copies
-beside it), or the complete new checkpoint; never half-written. Files in an existing target that are not part of
-a checkpoint (a tokenizer, a README) are carried over.
+Atomicity (:mod:`fastxlstm._fileio` has the details): everything is written into a temporary sibling directory
+``.NAME.tmp-<pid>-<random>`` (every file fsynced, mode 0666 less the umask), which then takes the target's place.
+Over an existing checkpoint the two directories trade names in one atomic step (Linux ``renameat2`` with
+RENAME_EXCHANGE, macOS ``renamex_np``), so at every instant ``dir`` holds a complete checkpoint, old or new, even if
+the process is killed. Where the file system cannot exchange, the old one is renamed aside first; a kill between
+the two renames leaves both complete copies beside the target, which :func:`from_pretrained` still reads (with a
+warning) and the next save puts back in place. Leftovers of killed saves are removed by the next save to the same
+directory. Files in an existing target that are not part of a checkpoint (a tokenizer, a README) are carried over.
+
+7B-architecture models are written in transformers' format; one whose q/k/v head sizes transformers derives
+differently (see :func:`fastxlstm.models.xlstm_large_format.transformers_head_dim_mismatch`) is saved with a
+:class:`~fastxlstm.models.xlstm_large_format.TransformersCompatibilityWarning`: fastxlstm reads it, transformers
+could not run it.
 
 Loading validates everything before a model is returned: bad JSON, unknown model_type, missing/truncated/foreign
 shard files, missing/unexpected/wrongly shaped keys all raise :class:`CheckpointError` (a ValueError) naming the
@@ -20,18 +28,18 @@ file. The model is built on the meta device and receives the loaded tensors, so 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._fileio import fsync_file, swap_dir_into_place, write_json
+from .._fileio import (CheckpointError, clean_leftovers, make_temp_dir, publish_dir, read_json, readable_dir,
+                       write_json, write_safetensors)
+from .registry import MODEL_REGISTRY, classes_for
 
 __all__ = ["save_pretrained", "from_pretrained", "CheckpointError", "parse_size", "CONFIG_NAME", "WEIGHTS_NAME",
            "WEIGHTS_INDEX_NAME"]
@@ -42,15 +50,9 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
-# model_type -> (module, class); the classes carry their config_class
-MODEL_TYPES = {
-    "xlstm": ("fastxlstm.models.xlstm_large", "XLSTMLarge"),
-    "xlstm_lm": ("fastxlstm.models.xlstm_lm", "XLSTMLM"),
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be loaded (the message names the file and what is wrong)."""
+# model_type -> (module, model class name), kept for callers of this old table; the classes come from
+# models/registry.py
+MODEL_TYPES = {mt: (model_cls.__module__, model_cls.__name__) for mt, (_, model_cls) in MODEL_REGISTRY.items()}
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -82,7 +84,12 @@ def _config_dict(model) -> dict:
     from .. import __version__
     config = model.config
     if config.model_type == "xlstm":
-        from ..interop.transformers import config_to_transformers_dict
+        from .xlstm_large_format import TransformersCompatibilityWarning, config_to_transformers_dict
+        from .xlstm_large_format import transformers_head_dim_mismatch
+        problem = transformers_head_dim_mismatch(config)
+        if problem is not None:
+            warnings.warn(f"this model is saved in transformers' format and fastxlstm reads it back, but {problem}",
+                          TransformersCompatibilityWarning, stacklevel=4)
         return config_to_transformers_dict(config)
     d = dict(config.to_dict())
     d["model_type"] = config.model_type
@@ -121,10 +128,6 @@ def _shard(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, t
     return shards
 
 
-def _write_json(path: str, obj) -> None:
-    write_json(path, obj, indent=2, sort_keys=True)
-
-
 def _is_checkpoint_file(name: str) -> bool:
     return name in (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or bool(_SHARD_RE.match(name))
 
@@ -135,16 +138,17 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
     Weights go to model.safetensors, or to shards of at most ``max_shard_size`` (a single tensor larger than the
     limit gets a shard of its own) with model.safetensors.index.json.
     """
-    from safetensors.torch import save_file
-
     if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
         raise ValueError(f"save_pretrained needs a fastxlstm model with a config, got {type(model).__name__}")
     max_bytes = parse_size(max_shard_size)
     target = os.path.abspath(os.fspath(save_directory))
+    if os.path.islink(target):
+        target = os.path.realpath(target)  # write where the link points; the link stays
     if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"{target} exists and is not a directory")
+        raise ValueError(f"save_directory {target} exists and is not a directory")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
+    clean_leftovers(parent, os.path.basename(target))  # of saves to this directory that were killed
     config = _config_dict(model)
     tensors = _state_tensors(model)
     if config.get("model_type") == "xlstm":
@@ -159,30 +163,22 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
                               stacklevel=3)
     shards = _shard(tensors, max_bytes)
 
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    tmp = make_temp_dir(target)
     try:
-        # mkdtemp makes the directory private (0700); a checkpoint gets the usual mode (0777 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         meta = {"format": "pt"}
         if len(shards) == 1:
-            path = os.path.join(tmp, WEIGHTS_NAME)
-            save_file(shards[0], path, metadata=meta)
-            fsync_file(path)
+            write_safetensors(os.path.join(tmp, WEIGHTS_NAME), shards[0], metadata=meta)
         else:
             n = len(shards)
             weight_map = {}
             for idx, shard in enumerate(shards, 1):
                 name = f"model-{idx:05d}-of-{n:05d}.safetensors"
-                path = os.path.join(tmp, name)
-                save_file(shard, path, metadata=meta)
-                fsync_file(path)
+                write_safetensors(os.path.join(tmp, name), shard, metadata=meta)
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(os.path.join(tmp, WEIGHTS_INDEX_NAME),
-                        {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(os.path.join(tmp, CONFIG_NAME), config)
+            write_json(os.path.join(tmp, WEIGHTS_INDEX_NAME),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+        write_json(os.path.join(tmp, CONFIG_NAME), config, sort_keys=True)
         if os.path.isdir(target):
             # keep what is not ours (tokenizer files, notes); drop the old weights and config
             for name in os.listdir(target):
@@ -193,7 +189,7 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
                         shutil.copytree(src, dst, symlinks=True)
                     else:
                         shutil.copy2(src, dst, follow_symlinks=False)
-        swap_dir_into_place(tmp, target)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -202,16 +198,6 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], max_shard_si
 # ----------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------
-
-def _read_json(path: str, what: str):
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-
 
 def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors import safe_open
@@ -235,7 +221,7 @@ def _read_weights(directory: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
     index_path = os.path.join(directory, WEIGHTS_INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(index_path):
-        index = _read_json(index_path, "shard index")
+        index = read_json(index_path, "shard index")
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
             raise CheckpointError(f"{index_path}: expected a JSON object with a non-empty 'weight_map'")
         weight_map = index["weight_map"]
@@ -273,14 +259,14 @@ def _build_config(cfg: dict, config_path: str):
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
     mt = cfg.get("model_type")
-    if mt not in MODEL_TYPES:
-        raise CheckpointError(f"{config_path}: model_type {mt!r} is not one of {sorted(MODEL_TYPES)}")
-    import importlib
-    mod, cls_name = MODEL_TYPES[mt]
-    model_cls = getattr(importlib.import_module(mod), cls_name)
+    try:
+        _, model_cls = classes_for(mt)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    cls_name = model_cls.__name__
     try:
         if mt == "xlstm":
-            from ..interop.transformers import config_from_transformers_dict
+            from .xlstm_large_format import config_from_transformers_dict
             config = config_from_transformers_dict(cfg)
         else:
             d = {k: v for k, v in cfg.items() if k not in ("fastxlstm_version",)}
@@ -333,16 +319,16 @@ def from_pretrained(directory: Union[str, os.PathLike], device=None, dtype: Opti
     device: where the model goes (default CPU); dtype: cast floating weights (default: as stored).
     Raises CheckpointError (a ValueError) naming the offending file for any malformed checkpoint.
     """
-    directory = os.fspath(directory)
+    directory = readable_dir(os.fspath(directory))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     config_path = os.path.join(directory, CONFIG_NAME)
-    model_cls, config = _build_config(_read_json(config_path, "model config"), config_path)
+    model_cls, config = _build_config(read_json(config_path, "model config"), config_path)
     tensors, origin = _read_weights(directory)
     if config.model_type == "xlstm":
-        from ..interop.transformers import fill_transformers_gaps
+        from .xlstm_large_format import fill_transformers_gaps
         before = set(tensors)
         fill_transformers_gaps(config, tensors)
         origin.update({k: f"{directory} (filled in: transformers has no such tensor)" for k in set(tensors) - before})

@@ -93,7 +93,8 @@ def list_presets() -> Dict[str, Tuple[str, int]]:
 
 
 def build_model(config_or_name: Union[str, Any], **overrides):
-    """Build the model for a preset name or a config object (dispatching on the config's type).
+    """Build the model for a preset name or a config object (the class comes from
+    :data:`fastxlstm.models.registry.MODEL_REGISTRY`).
 
     ``overrides`` replace config fields (e.g. ``build_model("small", vocab_size=512)``); the result is validated.
     Parameters are allocated on the current default device (use ``with torch.device("meta"):`` to only count).
@@ -104,11 +105,5 @@ def build_model(config_or_name: Union[str, Any], **overrides):
             config = replace(config, **overrides)
         except TypeError as e:
             raise ValueError(f"bad override for {type(config).__name__}: {e}") from None
-    if isinstance(config, XLSTMLMConfig):
-        from .xlstm_lm import XLSTMLM
-        return XLSTMLM(config)
-    from .xlstm_large import XLSTMLarge, XLSTMLargeConfig
-    if isinstance(config, XLSTMLargeConfig):
-        return XLSTMLarge(config)
-    raise ValueError(f"build_model needs a preset name, an XLSTMLMConfig or an XLSTMLargeConfig, "
-                     f"got {type(config).__name__}")
+    from .registry import build_from_config
+    return build_from_config(config)

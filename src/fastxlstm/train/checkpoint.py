@@ -9,25 +9,26 @@ Layout of ``<run>/checkpoints/step_<N>/``:
     trainer_state.json      step, data position, optimizer hyper-parameters per group, Python RNG state,
                             tied-weight aliases, the training config, and the sha256 + size of every file above
 
-The directory is assembled under a temporary name and moved into place with ``os.replace``, so a crash leaves
-either the previous checkpoint set or the new complete one, never a half-written one. The state is gathered
+The directory is assembled under a temporary name (every file fsynced) and put in place atomically by
+:func:`fastxlstm._fileio.publish_dir` (the helper model checkpoints use), and old checkpoints are pruned by renaming
+them away before deleting them, so a kill at any point leaves only complete ``step_<N>`` directories: the previous
+set or the new one. Leftovers of a killed save are removed by the next save. The state is gathered
 in full (torch.distributed.checkpoint.state_dict with full_state_dict=True), so a checkpoint resumes on any
 number of processes, with or without FSDP.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
-import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .._fileio import swap_dir_into_place, write_json
+from .._fileio import (CheckpointError, clean_leftovers, interrupted_copies, make_temp_dir, publish_dir, read_json,
+                       remove_dir, write_json, write_safetensors)
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "verify_checkpoint"]
@@ -35,9 +36,7 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_chec
 _STEP_RE = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+# CheckpointError (imported above) is the one class for model and training checkpoints (fastxlstm._fileio)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,10 +113,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-    save_file({k: v.cpu() for k, v in tensors.items()}, path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    write_safetensors(path, {k: v.cpu() for k, v in tensors.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,12 +137,10 @@ def save_checkpoint(ckpt_root: str, step: int, model_sd: Dict[str, torch.Tensor]
     model_sd / optim_sd: full state dicts from :func:`gather_state`. trainer_state: JSON-able extras (step,
     position, config, ...). Returns the checkpoint directory."""
     os.makedirs(ckpt_root, exist_ok=True)
+    clean_leftovers(ckpt_root)  # of saves that were killed
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_root, name)
-    tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = make_temp_dir(final)
     try:
         tensors, aliases = _dedupe(model_sd)
         _save_tensors(os.path.join(tmp, "model.safetensors"), tensors)
@@ -176,12 +170,12 @@ def save_checkpoint(ckpt_root: str, step: int, model_sd: Dict[str, torch.Tensor]
                       "optimizer_param_groups": groups, "optimizer_scalars": opt_scalars,
                       "has_optimizer": optim_sd is not None, "rng": rng_meta, "files": files})
         _write_json(os.path.join(tmp, "trainer_state.json"), state)
-        swap_dir_into_place(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(tmp)
         raise
     for old_step, path in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)  # renamed away first: never a half-deleted step_<N>
     return final
 
 
@@ -190,7 +184,9 @@ def save_checkpoint(ckpt_root: str, step: int, model_sd: Dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------
 
 def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str]]:
-    """[(step, path)] of the finished checkpoints under ckpt_root, oldest first (temporary dirs ignored)."""
+    """[(step, path)] of the finished checkpoints under ckpt_root, oldest first (temporary dirs ignored). A
+    checkpoint whose save was killed between the two renames of the fallback path (file systems without an atomic
+    exchange) is listed at its complete copy beside the missing ``step_<N>``; the next save puts it back."""
     if not os.path.isdir(ckpt_root):
         return []
     out = []
@@ -198,6 +194,10 @@ def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str]]:
         m = _STEP_RE.match(fn)
         if m and os.path.isdir(os.path.join(ckpt_root, fn)):
             out.append((int(m.group(1)), os.path.join(ckpt_root, fn)))
+    for fn, copy in interrupted_copies(ckpt_root).items():
+        m = _STEP_RE.match(fn)
+        if m:
+            out.append((int(m.group(1)), copy))
     return sorted(out)
 
 
@@ -206,22 +206,11 @@ def latest_checkpoint(ckpt_root: str) -> Optional[str]:
     return cks[-1][1] if cks else None
 
 
-def _read_json(path: str, what: str):
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {os.path.dirname(path)} is incomplete: {what} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {os.path.dirname(path)} is corrupt: {what} is not valid JSON "
-                              f"({e})") from None
-
-
 def verify_checkpoint(path: str) -> Dict[str, Any]:
     """Read trainer_state.json and check every file's size and sha256; returns the trainer state."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: no such directory")
-    state = _read_json(os.path.join(path, "trainer_state.json"), "trainer_state.json")
+    state = read_json(os.path.join(path, "trainer_state.json"), "trainer_state.json")
     if not isinstance(state, dict) or "files" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is corrupt: trainer_state.json lacks 'files'/'step'")
     if state.get("format_version") != FORMAT_VERSION:
@@ -254,7 +243,7 @@ def load_checkpoint(path: str, load_optimizer: bool = True):
 
     Returns (model_sd, optim_sd or None, rng (tensors, meta), trainer_state, model_config)."""
     state = verify_checkpoint(path)
-    model_config = _read_json(os.path.join(path, "model_config.json"), "model_config.json")
+    model_config = read_json(os.path.join(path, "model_config.json"), "model_config.json")
     model_sd = _load_tensors(os.path.join(path, "model.safetensors"))
     for alias, target in state.get("aliases", {}).items():
         if target not in model_sd:

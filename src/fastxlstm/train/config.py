@@ -161,11 +161,8 @@ class TrainConfig:
         return cls(**d)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        from .._fileio import write_json
+        write_json(path, self.to_dict(), indent=2)
 
 
 # what a resumed run keeps from its directory whatever the flags say (changing any of them would make it another
