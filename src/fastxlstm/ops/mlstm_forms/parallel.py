@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import compute_dtype
+from .._checks import compute_dtype, exp_floor
 
 
 def _cummax_index(resets: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def parallel_core(q, k, v, log_f, i, C0, n0, m0, resets: Optional[torch.Tensor],
             qn = torch.where(init_w_mask, qn, zero)
         num = W @ v0 + init_w.unsqueeze(-1) * qC
         den = W.sum(-1) + init_w * qn
-        h = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+        h = num / (torch.maximum(den.abs(), exp_floor(m)) + eps).unsqueeze(-1)
         h = torch.where(poison.unsqueeze(-1), torch.full_like(h, float("nan")), h)
 
     w_last = Dexp[..., -1, :]  # weights of every source into the final state

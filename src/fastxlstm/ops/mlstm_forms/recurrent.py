@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import exp_floor
 from .parallel import prepare
 
 
@@ -32,7 +33,7 @@ def mlstm_recurrent(q, k, v, i, f, state=None, eps: float = 1e-6, resets: Option
         q_t = qs[:, :, t].unsqueeze(-2)
         num = (q_t @ C).squeeze(-2)
         den = (q_t @ n.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        hs.append(num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps).unsqueeze(-1))
+        hs.append(num / (torch.maximum(den.abs(), exp_floor(m_new)) + eps).unsqueeze(-1))
         m = m_new
     h = torch.stack(hs, dim=2)
     return h.to(q.dtype), (C, n, m)
