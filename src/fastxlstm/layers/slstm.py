@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .state import SLSTMBlockState
-from ..ops import slstm
+from ..ops.dispatch import _slstm_unchecked  # the model validated its inputs once
 from .conv import CausalConv1d
 from .ffn import GatedFFN
 from .mlstm import HeadwiseLinear, _cell_dtype, round_up, small_init_, wang_init_
@@ -104,8 +104,8 @@ class SLSTMLayer(nn.Module):
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)
         gates = gates.view(B, S, 4, NH, DH).to(cd)
         cell_state = None if state is None else (state.c, state.n, state.m, state.h)
-        h, (c, n, m, h_last) = slstm(gates, self.recurrent_kernel.to(cd), self.gate_bias.to(cd),
-                                        state=cell_state, backend=backend, resets=resets)
+        h, (c, n, m, h_last) = _slstm_unchecked(gates, self.recurrent_kernel.to(cd), self.gate_bias.to(cd),
+                                                state=cell_state, backend=backend, resets=resets)
         y = self.group_norm(h).to(x.dtype)  # (B, S, E)
         return y, SLSTMBlockState(c=c, n=n, m=m, h=h_last, conv=conv_state)
 
