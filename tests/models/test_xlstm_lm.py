@@ -185,6 +185,19 @@ def test_slstm_positions():
         slstm_positions(8, (0, 0))
 
 
+def test_powerlaw_forget_bias_values():
+    """Against values computed separately (plain arithmetic, not the code's formula):
+    b_f[j] = 5 - 12 (j / (DH - 1))^p with p = 0.3 in the first block and 1.6 in the last; DH = 4, so j / 3 in {0, 1/3, 2/3, 1}:
+    (1/3)^0.3 = 0.719223, (2/3)^0.3 = 0.885467, (1/3)^1.6 = 0.172427, (2/3)^1.6 = 0.522702."""
+    first = torch.tensor([5.0, 5 - 12 * 0.719223, 5 - 12 * 0.885467, -7.0])
+    last = torch.tensor([5.0, 5 - 12 * 0.172427, 5 - 12 * 0.522702, -7.0])
+    torch.testing.assert_close(powerlaw_forget_bias(4, 0, 3), first, rtol=0, atol=2e-5)
+    torch.testing.assert_close(powerlaw_forget_bias(4, 2, 3), last, rtol=0, atol=2e-5)
+    mid = powerlaw_forget_bias(4, 1, 3)  # p = 0.95: between the two, strictly decreasing over units
+    assert torch.all(mid[1:3] > first[1:3]) and torch.all(mid[1:3] < last[1:3])
+    assert torch.all(mid[1:] < mid[:-1])
+
+
 def test_init_follows_spec():
     torch.manual_seed(0)
     m = XLSTMLM(XLSTMLMConfig(vocab_size=V, embedding_dim=64, num_blocks=4, slstm_at=(1, 3)))

@@ -269,6 +269,8 @@ def test_return_state_false_returns_tensor(backend):
     out = slstm(t["x"], t["R"], t["b"], state=(t["c0"], t["n0"], t["m0"], t["h0"]), backend=backend,
                 return_state=False)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 7, 3, 8)
+    h, _ = slstm(t["x"], t["R"], t["b"], state=(t["c0"], t["n0"], t["m0"], t["h0"]), backend=backend)
+    assert torch.equal(out, h)  # the same values, not only the shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

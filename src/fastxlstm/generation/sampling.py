@@ -38,13 +38,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
                       top_p: Optional[float] = None, do_sample: Optional[bool] = None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy (argmax, first index on ties) when not sampling, else
-    sample from softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
+    sample from softmax(logits / temperature) (any temperature > 0: a tiny one is greedy in the limit, ties
+    sampled uniformly) restricted to the top_k tokens and to the smallest set whose
     probability reaches top_p (the most likely token is always kept). Returns (B,) int64."""
     sample = _check_sampling(temperature, top_k, top_p, do_sample, logits.shape[-1])
     logits = logits.float()
     if not sample:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted by the row max before the division (softmax, top-k and top-p do not change): a tiny temperature
+    # (1e-40) then gives 0 for the best tokens and -inf for the rest, i.e. greedy with ties sampled, instead of
+    # inf / inf = NaN inside multinomial
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
