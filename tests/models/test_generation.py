@@ -233,3 +233,15 @@ def test_training_flag_restored(model):
         assert model.training
     finally:
         model.eval()
+
+
+def test_tiny_temperature_is_greedy(model):
+    """temperature 1e-40 is greedy in the limit (issue 14 item 7), not a NaN inside torch.multinomial."""
+    from fastxlstm.generation.sampling import sample_next_token
+    ids = torch.cat([prompt(4, 8), prompt(4, 9)])
+    assert torch.equal(model.generate(ids, 6, temperature=1e-40, seed=0), model.generate(ids, 6, temperature=0))
+    logits = torch.tensor([[0.0, 3.0, 3.0, -1.0], [1e4, -1e4, 0.0, float("-inf")]])
+    g = torch.Generator().manual_seed(0)
+    picks = torch.stack([sample_next_token(logits, temperature=1e-40, generator=g) for _ in range(64)])
+    assert set(picks[:, 0].tolist()) == {1, 2}  # ties sampled, nothing else
+    assert set(picks[:, 1].tolist()) == {0}
