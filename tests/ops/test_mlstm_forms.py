@@ -1,4 +1,4 @@
-"""Every mLSTM form against the float64 step-by-step reference (issue 2; shared/spec/XLSTM.md section 1).
+"""Every mLSTM form against the float64 step-by-step reference (issue 2; docs/MATH.md section 1).
 
 The reference (ops/mlstm_forms/reference.py) is the definition. Each backend must match it in outputs, final state and
 gradients of q, k, v, i, f and of the initial state (C, n): relative error ||a - b|| / ||b|| below 1e-5 in

@@ -1,5 +1,5 @@
 """sLSTM backends against the step-by-step reference and against a plain loop over heads and units written here
-from the paper's equations (shared/spec/XLSTM.md section 2), in float64, gradients included.
+from the paper's equations (docs/MATH.md section 2), in float64, gradients included.
 
 The loop is deliberately naive and unstabilised (the true semantics: i = exp(pre_i), c and n unscaled); inputs
 are kept where exp() cannot overflow in float64. Final states are compared in true form: c exp(m), n exp(m).

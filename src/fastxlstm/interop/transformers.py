@@ -4,7 +4,7 @@ Our :class:`~fastxlstm.models.xlstm_large.XLSTMLarge` uses transformers' paramet
 identical; what differs is the config. This module converts configs both ways and knows which transformers fields
 are kernel/runtime settings that we ignore (they choose mlstm_kernels implementations, not the function computed).
 
-Known differences we do not inherit (shared/spec/XLSTM.md section 4): transformers' ``qk_dim``/``v_dim`` config
+Known differences we do not inherit (docs/MATH.md section 3): transformers' ``qk_dim``/``v_dim`` config
 properties round up to 64 while its layers use ``int(hidden_size * factor)`` (its cache breaks unless the two
 agree); its "fused" weight mode is not loadable here; its ``add_out_norm=False`` still builds an out_norm; and its out_norm
 never has a bias, even with ``use_bias=True`` (the official xLSTMLarge's has one): loading a transformers

@@ -1,4 +1,4 @@
-"""The paper's mLSTM block (xLSTM, NeurIPS 2024; shared/spec/XLSTM.md section 3): pre up-projection, factor 2.
+"""The paper's mLSTM block (xLSTM, NeurIPS 2024; docs/MATH.md section 3): pre up-projection, factor 2.
 
     x -> LayerNorm -> proj_up (E -> 2I) -> split (x_m, z)
     x_c = SiLU(causal conv(x_m));  q = W_q x_c,  k = W_k x_c,  v = W_v x_m   (block-diagonal, 4x4 blocks)

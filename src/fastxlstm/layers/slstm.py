@@ -1,4 +1,4 @@
-"""The paper's sLSTM block (xLSTM, NeurIPS 2024; shared/spec/XLSTM.md section 3): post up-projection.
+"""The paper's sLSTM block (xLSTM, NeurIPS 2024; docs/MATH.md section 3): post up-projection.
 
     y = x + GroupNorm_per_head(sLSTM cell(W_i x_c, W_f x_c, W_z x_n, W_o x_n)),   x_n = LayerNorm(x),
         x_c = SiLU(causal conv(x_n))   (the conv feeds only the i and f gates)

@@ -2,7 +2,7 @@
 
     x = x + mLSTMLayer(RMSNorm(x));   x = x + SwiGLU(RMSNorm(x));   logits = cap * tanh(lm_head(RMSNorm(x)) / cap)
 
-(shared/spec/XLSTM.md section 4). Parameter names equal transformers' ``xLSTMForCausalLM`` checkpoint keys, so its
+(docs/MATH.md section 3). Parameter names equal transformers' ``xLSTMForCausalLM`` checkpoint keys, so its
 state dict loads as is (see :mod:`fastxlstm.interop.transformers`). The cell is :func:`fastxlstm.ops.mlstm`
 (chunkwise/auto) for sequences and :func:`fastxlstm.ops.mlstm_step` for single-token decoding; the recurrent state
 flows in and out as an :class:`~fastxlstm.models.state.XLSTMState` of ``MLSTMBlockState`` (conv=None).

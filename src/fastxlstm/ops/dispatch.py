@@ -160,7 +160,7 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
         v: (B, NH, S, DV) values.
         i, f: (B, NH, S) input and forget gate pre-activations (exponential input gate, sigmoid forget gate).
         state: optional initial state (C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH) or (B, NH, 1)), in the
-            stabilised form of the spec; None is a fresh (zero) state.
+            stabilised form of docs/MATH.md; None is a fresh (zero) state.
         backend: "auto", "reference", "parallel", "chunkwise", "recurrent" or "triton".
         chunk_size: chunk length of the chunkwise forms (any S works, not only multiples). The PyTorch form takes
             any positive int; the Triton kernels take 16, 32, 64, 128 or 256 (backend="triton" raises ValueError

@@ -1,4 +1,4 @@
-"""The mLSTM cell, step by step, exactly as shared/spec/XLSTM.md section 1 defines it.
+"""The mLSTM cell, step by step, exactly as docs/MATH.md section 1 defines it.
 
 This is the definition every other backend is tested against. It runs in any floating dtype (float64 for
 tests); half-precision inputs are computed in float32. The stabiliser m is a constant for autograd (it gets no

@@ -1,4 +1,4 @@
-"""Chunkwise mLSTM forward and backward in Triton (written from shared/spec/XLSTM.md section 1).
+"""Chunkwise mLSTM forward and backward in Triton (written from docs/MATH.md section 1).
 
 Layout of the computation (per batch*head "bh", chunk length L, a constexpr independent of S):
 
