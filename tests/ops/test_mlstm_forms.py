@@ -19,8 +19,8 @@ from helpers import (MLSTMCase, assert_finite, compare_runs, make_mlstm_case, re
                      run_mlstm_steps, worst)
 from fastxlstm.ops import mlstm, mlstm_step
 
-F64_TOL = 1e-5  # the issue's bound; measured errors are ~1e-14 (see test_float64_forms_agree_to_rounding)
-F32_TOL = 1e-4
+F64_TOL = 1e-9  # measured <= 3.2e-11 (random shapes with DQK=1), <= 2.5e-13 elsewhere; the issue asked 1e-5
+F32_TOL = 2e-5  # measured <= 6.2e-6 (extreme gates), 3.6e-6 elsewhere; the issue asked for 1e-4
 TOL = {torch.float64: F64_TOL, torch.float32: F32_TOL}
 
 BACKENDS = ("parallel", "chunkwise", "recurrent")
@@ -379,7 +379,8 @@ def test_half_precision_inputs(backend, dtype):
     assert got.h.dtype == dtype
     assert got.C.dtype == got.n.dtype == got.m.dtype == torch.float32
     errs = compare_runs(got, run_mlstm(case.up(), "reference", grad=False))
-    _check(errs, 1e-2, f"half {backend} {dtype}")
+    # measured 1.7e-3 (bfloat16) and 1.9e-4 (float16), every form
+    _check(errs, 5e-3 if dtype == torch.bfloat16 else 1e-3, f"half {backend} {dtype}")
 
 
 def test_state_m_may_have_trailing_unit_dim():
