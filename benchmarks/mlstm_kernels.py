@@ -4,13 +4,13 @@ triton_limit_chunk and triton_xl_chunk), fla chunk_simple_gla and torch SDPA fla
     python benchmarks/mlstm_kernels.py --out benchmarks/results/h200_mlstm.json     # on the GPU
     python benchmarks/mlstm_kernels.py --plot benchmarks/results/h200_mlstm.json    # png + markdown table
 
-Shapes (shared/ANCHORS.md): 65,536 tokens per call (B = 65536 / S), bf16 inputs; shape A: NH=16, DQK=DV=128;
+Shapes (those of the published mLSTM kernel benchmarks): 65,536 tokens per call (B = 65536 / S), bf16 inputs; shape A: NH=16, DQK=DV=128;
 shape B: NH=8, DQK=256, DV=512; S = 1k, 4k, 16k; "fw" = forward, "fwbw" = forward + backward of a random output
 gradient. Decode step: 8 heads 256 x 512, fp32 state, B = 1, 64, 256. Times: median of triton.testing.do_bench.
 Competitors run in subprocesses (one per kernel; restarted after a crash), so a compiler abort is recorded, not
 fatal. Our kernels are checked against float64 references in the same call before they are timed.
 
-Model FLOPs (for TFLOP/s): per token per head 4 DQK DV + 64 (DQK + DV) forward (the chunkwise count of ANCHORS.md
+Model FLOPs (for TFLOP/s): per token per head 4 DQK DV + 64 (DQK + DV) forward (the chunkwise count
 at chunk 64, the same for every kernel), 3x that for fwbw. Byte floor: q, k, v read and h written once (bf16);
 fwbw adds dh, q, k, v read and dq, dk, dv written. Floor time = max(bytes / copy bandwidth, FLOPs / bf16 matmul
 rate), both measured in the same call.
@@ -479,7 +479,7 @@ def print_table(res, file=None):
                         else "skipped" if v.startswith("skipped") else "error")
             cells.append(cell)
         lines.append(f"| {kn} | " + " | ".join(cells) + " |")
-    for an, vals in res.get("anchors_from_ANCHORS_md", {}).items():
+    for an, vals in res.get("published_anchors", {}).items():
         if not isinstance(vals, dict) or "step" in an:
             continue
         cells = []
@@ -501,7 +501,7 @@ def print_table(res, file=None):
     for B, r in res["decode_ours"].items():
         c = comp.get(int(B), {})
         cv = f"{c['ms']:.4f}" if "ms" in c else (c.get("error", "-")[:40] or "-")
-        anc = res.get("anchors_from_ANCHORS_md", {}).get("mlstm_kernels triton step (anchor, ms)", {})
+        anc = res.get("published_anchors", {}).get("mlstm_kernels triton step (anchor, ms)", {})
         if cv == "-" and B in anc:
             cv = f"{anc[B]} (anchor)"
         lines.append(f"| {B} | {r['ms']:.4f} | {r['tb_per_s']:.2f} | {r['ms_cuda_graph']:.4f} | "
@@ -538,7 +538,7 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     R = rows(res)
-    for an, vals in res.get("anchors_from_ANCHORS_md", {}).items():  # hatched: not measured side by side
+    for an, vals in res.get("published_anchors", {}).items():  # hatched: not measured side by side
         if isinstance(vals, dict) and "step" not in an and "SDPA" not in an:
             for key, (fw, fwbw) in vals.items():
                 for mode, v in (("fw", fw), ("fwbw", fwbw)):
@@ -587,7 +587,7 @@ def plot(res, path):
     comp = {str(r["S"]): r.get("ms") for r in res.get("competitors", []) if r["shape"] == "decode"}
     label = "mlstm_kernels step"
     if not any(comp.values()):
-        comp = res.get("anchors_from_ANCHORS_md", {}).get("mlstm_kernels triton step (anchor, ms)", {})
+        comp = res.get("published_anchors", {}).get("mlstm_kernels triton step (anchor, ms)", {})
         label += " (anchor)"
     ax.bar([x + (w if fu else 0.2) for x in range(len(Bs))], [comp.get(b) or 0 for b in Bs], w, label=label,
            hatch="//" if "anchor" in label else None)

@@ -142,6 +142,19 @@ def test_eos_rows_emit_pad_and_generation_stops(model):
     hit1 = (ref[1, 4:] == eos).nonzero()
     if len(hit1) == 0:
         assert out.shape[1] == 16 and torch.equal(out[1], ref[1])
+    # both rows with an eos of their own (a list of eos ids), at different steps: each row is the greedy reference
+    # up to and including its first eos, then padding (the second row was unchecked when it never hit eos)
+    eos2 = [int(ref[0, 4 + 1]), int(ref[1, 4 + 6])]
+    out3 = model.generate(ids, 12, temperature=0, eos_token_id=eos2, pad_token_id=0)
+    stops = []
+    for r in range(2):
+        hits = torch.isin(ref[r, 4:], torch.tensor(eos2)).nonzero()
+        assert len(hits) > 0  # by construction
+        p = int(hits[0])
+        stops.append(p)
+        assert torch.equal(out3[r, :4 + p + 1], ref[r, :4 + p + 1])
+        assert torch.all(out3[r, 4 + p + 1:] == 0)
+    assert out3.shape[1] == 4 + max(stops) + 1  # stops when the last row finishes
     # every row finished: stop early
     out2 = model.generate(ids[:1], 12, temperature=0, eos_token_id=eos)
     assert out2.shape[1] == 4 + first + 1 and out2[0, -1] == eos
@@ -220,3 +233,15 @@ def test_training_flag_restored(model):
         assert model.training
     finally:
         model.eval()
+
+
+def test_tiny_temperature_is_greedy(model):
+    """temperature 1e-40 is greedy in the limit (issue 14 item 7), not a NaN inside torch.multinomial."""
+    from fastxlstm.generation.sampling import sample_next_token
+    ids = torch.cat([prompt(4, 8), prompt(4, 9)])
+    assert torch.equal(model.generate(ids, 6, temperature=1e-40, seed=0), model.generate(ids, 6, temperature=0))
+    logits = torch.tensor([[0.0, 3.0, 3.0, -1.0], [1e4, -1e4, 0.0, float("-inf")]])
+    g = torch.Generator().manual_seed(0)
+    picks = torch.stack([sample_next_token(logits, temperature=1e-40, generator=g) for _ in range(64)])
+    assert set(picks[:, 0].tolist()) == {1, 2}  # ties sampled, nothing else
+    assert set(picks[:, 1].tolist()) == {0}

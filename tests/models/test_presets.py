@@ -81,11 +81,11 @@ def test_build_model_dispatch_and_errors():
     assert build_model("tiny", vocab_size=512).config.vocab_size == 512
     assert isinstance(build_model(get_preset("tiny")), XLSTMLM)
     assert get_preset("small") is not get_preset("small")  # fresh configs, safe to modify
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown preset '125M-nope'"):
         get_preset("125M-nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="build_model needs a preset name"):
         build_model({"vocab_size": 3})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not_a_field"):
         build_model("tiny", not_a_field=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_heads=3"):
         build_model("tiny", num_heads=3)

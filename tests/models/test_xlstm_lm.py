@@ -75,9 +75,9 @@ def test_multihead_layernorm_is_groupnorm_and_rmsnorm_order():
     expect = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * rms.weight.bfloat16()
     got = rms.to(torch.bfloat16)(xb)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expect)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="MultiHeadLayerNorm expects"):
         mh(torch.randn(2, 5, 32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="RMSNorm expects"):
         rms(torch.randn(3, 7))
 
 
@@ -87,7 +87,7 @@ def test_ffn_and_headwise_linear():
     x = torch.randn(3, 8)
     ref = ffn.proj_down(F.silu(x @ ffn.proj_up_gate.weight.T) * (x @ ffn.proj_up.weight.T))
     assert _rel(ffn(x), ref) < 1e-6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="activation must be one of"):
         GatedFFN(8, 16, "tanh")
     hl = HeadwiseLinear(12, 12, 3, bias=True)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_ffn_and_headwise_linear():
     dense = torch.block_diag(*hl.weight)  # (out, in) block-diagonal
     x = torch.randn(2, 5, 12)
     assert _rel(hl(x), x @ dense.T + hl.bias) < 1e-6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 blocks must divide"):
         HeadwiseLinear(10, 12, 3)
 
 
@@ -165,11 +165,11 @@ def test_config_roundtrip_and_validation():
     for b in bad:
         kw = dict(vocab_size=V, embedding_dim=32, num_blocks=3)
         kw.update(b)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(b))):  # the message names the (first) bad field
             XLSTMLMConfig(**kw)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown XLSTMLMConfig fields: \['nonsense'\]"):
         XLSTMLMConfig.from_dict({**d, "nonsense": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="model_type is 'xlstm', expected 'xlstm_lm'"):
         XLSTMLMConfig.from_dict({**d, "model_type": "xlstm"})
 
 
@@ -179,10 +179,23 @@ def test_slstm_positions():
     p = slstm_positions(48, (7, 1))
     assert len(p) == 6 and len(set(p)) == 6 and all(0 <= i < 48 for i in p)
     assert len(slstm_positions(12, (1, 1))) == 6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         slstm_positions(0, (1, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not both 0"):
         slstm_positions(8, (0, 0))
+
+
+def test_powerlaw_forget_bias_values():
+    """Against values computed separately (plain arithmetic, not the code's formula):
+    b_f[j] = 5 - 12 (j / (DH - 1))^p with p = 0.3 in the first block and 1.6 in the last; DH = 4, so j / 3 in {0, 1/3, 2/3, 1}:
+    (1/3)^0.3 = 0.719223, (2/3)^0.3 = 0.885467, (1/3)^1.6 = 0.172427, (2/3)^1.6 = 0.522702."""
+    first = torch.tensor([5.0, 5 - 12 * 0.719223, 5 - 12 * 0.885467, -7.0])
+    last = torch.tensor([5.0, 5 - 12 * 0.172427, 5 - 12 * 0.522702, -7.0])
+    torch.testing.assert_close(powerlaw_forget_bias(4, 0, 3), first, rtol=0, atol=2e-5)
+    torch.testing.assert_close(powerlaw_forget_bias(4, 2, 3), last, rtol=0, atol=2e-5)
+    mid = powerlaw_forget_bias(4, 1, 3)  # p = 0.95: between the two, strictly decreasing over units
+    assert torch.all(mid[1:3] > first[1:3]) and torch.all(mid[1:3] < last[1:3])
+    assert torch.all(mid[1:] < mid[:-1])
 
 
 def test_init_follows_spec():
@@ -399,30 +412,30 @@ def test_bad_inputs():
         model(torch.tensor([[0, V]]))
     with pytest.raises(ValueError, match="token ids"):
         model(torch.tensor([[-1, 2]]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
         model(ids.float())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, S\)"):
         model(ids[0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sequence length 0"):
         model(ids[:, :0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="resets must be a bool tensor"):
         model(ids, resets=torch.zeros(2, 5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"resets has shape \(2, 4\)"):
         model(ids, resets=torch.zeros(2, 4, dtype=torch.bool))
     st = model(ids).state
-    with pytest.raises(ValueError):  # another batch size
+    with pytest.raises(ValueError, match=r"state\.blocks\[0\]\.C has shape \(2, "):  # another batch size
         model(ids[:1], state=st)
     other = make_model(embedding_dim=48)
-    with pytest.raises(ValueError):  # another config
+    with pytest.raises(ValueError, match=r"state\.blocks\[0\]\.C has shape"):  # another config
         model(ids, state=other(ids).state)
     swapped = make_model(slstm_at=(0,))
-    with pytest.raises(ValueError):  # another block layout
+    with pytest.raises(ValueError, match=r"state\.blocks\[0\] is a SLSTMBlockState"):  # another block layout
         model(ids, state=swapped(ids).state)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="state must be an XLSTMState"):
         model(ids, state={"blocks": []})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="XLSTMLM needs an XLSTMLMConfig"):
         XLSTMLM({"vocab_size": 10})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
         model.init_state(0)
 
 

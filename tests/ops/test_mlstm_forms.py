@@ -1,4 +1,4 @@
-"""Every mLSTM form against the float64 step-by-step reference (issue 2; shared/spec/XLSTM.md section 1).
+"""Every mLSTM form against the float64 step-by-step reference (issue 2; docs/MATH.md section 1).
 
 The reference (ops/mlstm_forms/reference.py) is the definition. Each backend must match it in outputs, final state and
 gradients of q, k, v, i, f and of the initial state (C, n): relative error ||a - b|| / ||b|| below 1e-5 in
@@ -19,8 +19,8 @@ from helpers import (MLSTMCase, assert_finite, compare_runs, make_mlstm_case, re
                      run_mlstm_steps, worst)
 from fastxlstm.ops import mlstm, mlstm_step
 
-F64_TOL = 1e-5  # the issue's bound; measured errors are ~1e-14 (see test_float64_forms_agree_to_rounding)
-F32_TOL = 1e-4
+F64_TOL = 1e-9  # measured <= 3.2e-11 (random shapes with DQK=1), <= 2.5e-13 elsewhere; the issue asked 1e-5
+F32_TOL = 2e-5  # measured <= 6.2e-6 (extreme gates), 3.6e-6 elsewhere; the issue asked for 1e-4
 TOL = {torch.float64: F64_TOL, torch.float32: F32_TOL}
 
 BACKENDS = ("parallel", "chunkwise", "recurrent")
@@ -379,7 +379,8 @@ def test_half_precision_inputs(backend, dtype):
     assert got.h.dtype == dtype
     assert got.C.dtype == got.n.dtype == got.m.dtype == torch.float32
     errs = compare_runs(got, run_mlstm(case.up(), "reference", grad=False))
-    _check(errs, 1e-2, f"half {backend} {dtype}")
+    # measured 1.7e-3 (bfloat16) and 1.9e-4 (float16), every form
+    _check(errs, 5e-3 if dtype == torch.bfloat16 else 1e-3, f"half {backend} {dtype}")
 
 
 def test_state_m_may_have_trailing_unit_dim():
@@ -410,3 +411,53 @@ def test_random_shapes(b, nh, s, dqk, dv, chunk, with_state, backend, seed):
     got = run_mlstm(case, backend, chunk_size=chunk)
     ref = run_mlstm(case, "reference")
     _check(compare_runs(got, ref), F64_TOL, f"random {backend} B={b} NH={nh} S={s} {dqk}x{dv} L={chunk}")
+
+
+def _unstabilised_reference(q, k, v, i, f, C0, n0, m0, eps):
+    """An implementation that shares no code with the ops: the recurrence on the true (unstabilised) state,
+    C_t = sigmoid(f_t) C_{t-1} + exp(i_t) k_t v_t^T (n alike; C_0 = exp(m_0) C0), in float64, and
+    h_t = q_t^T C_t / (max(|q_t^T n_t|, 1) + eps exp(m_t)) with q scaled by 1/sqrt(DQK), where m_t is the
+    stabiliser in closed form, m_t = max(sum_{j<=t} log f_j + m_0, max_s (sum_{s<j<=t} log f_j + i_s)) (a constant
+    for autograd). Returns h and the true final state (C, n) with m."""
+    B, NH, S, DQK = q.shape
+    lf = torch.log(torch.sigmoid(f))
+    cum = torch.cumsum(lf, -1)
+    C = torch.exp(m0)[..., None, None] * C0
+    n = torch.exp(m0)[..., None] * n0
+    hs = []
+    for t in range(S):
+        C = torch.sigmoid(f[..., t])[..., None, None] * C + torch.exp(i[..., t])[..., None, None] * (
+            k[..., t, :, None] * v[..., t, None, :])
+        n = torch.sigmoid(f[..., t])[..., None] * n + torch.exp(i[..., t])[..., None] * k[..., t, :]
+        seg = cum[..., t:t + 1] - cum[..., :t + 1]  # sum_{s<j<=t} log f_j for s = 0..t
+        m_t = torch.maximum(cum[..., t] + m0, (seg + i[..., :t + 1]).amax(-1)).detach()
+        qs = q[..., t, :] * DQK ** -0.5
+        num = torch.einsum("bhd,bhde->bhe", qs, C)
+        den = (qs * n).sum(-1)
+        hs.append(num / (torch.maximum(den.abs(), torch.ones_like(den)) + eps * torch.exp(m_t))[..., None])
+    return torch.stack(hs, 2), C, n, m_t
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "state"])
+def test_mlstm_step_matches_unstabilised_reference(with_state):
+    """mlstm_step (S calls) against an independent implementation (above), outputs and gradients; the check of
+    test_mlstm_step_matches_reference compares against a reference built on the same step function."""
+    S = 20
+    case = make_mlstm_case(2, 2, S, 6, 9, seed=77, with_state=with_state)
+    got = run_mlstm_steps(case)
+    t = {k: v.detach().clone().requires_grad_(k != "m0") for k, v in case.tensors.items()}
+    C0 = t.get("C0", torch.zeros(2, 2, 6, 9, dtype=torch.float64))
+    n0 = t.get("n0", torch.zeros(2, 2, 6, dtype=torch.float64))
+    m0 = t.get("m0", torch.zeros(2, 2, dtype=torch.float64))
+    h, C, n, m = _unstabilised_reference(t["q"], t["k"], t["v"], t["i"], t["f"], C0, n0, m0, 1e-6)
+    em = torch.exp(got.m)
+    errs = {"h": rel_err(got.h, h), "m": rel_err(got.m, m), "C": rel_err(got.C * em[..., None, None], C),
+            "n": rel_err(got.n * em[..., None], n)}
+    # gradients of <h, gh> + <C_stab, gC> + <n_stab, gn> with the stabilised state C_stab = C exp(-m)
+    go = case.grads_out
+    loss = (h * go["h"]).sum() + (C * torch.exp(-m)[..., None, None] * go["C"]).sum() \
+        + (n * torch.exp(-m)[..., None] * go["n"]).sum()
+    names = [k for k in t if k != "m0"]
+    for k, g in zip(names, torch.autograd.grad(loss, [t[k] for k in names])):
+        errs["d_" + k] = rel_err(got.grads[k], g)
+    _check(errs, 1e-10, f"mlstm_step vs unstabilised state={with_state}")

@@ -27,7 +27,15 @@ CASES = {
     "fp32_state_resets": (2, 2, 77, 16, 16, "float32", True, "mixed", "normal", "small"),
     "fp32_extreme_gates_resets": (2, 1, 66, 16, 32, "float32", True, "mixed", "extreme", "small"),
     "fp32_dims_not_pow2": (1, 1, 37, 24, 40, "float32", True, None, "normal", "small"),
-    "fp32_default_config": (1, 2, 150, 16, 32, "float32", True, "mixed", "normal", "default"),
+    # B=2: the reset at t=0 (see _resets) is in row 0 only, so row 1 reads the initial state (with B=1 the state
+    # was discarded at once and its gradient error was exactly 0)
+    "fp32_default_config": (2, 2, 150, 16, 32, "float32", True, "mixed", "normal", "default"),
+    # chunk_size honoured on the Triton path (ops.mlstm(..., chunk_size=)): through mlstm_triton's chunk_size
+    "fp32_chunk16": (2, 1, 45, 16, 16, "float32", True, "mixed", "normal", "chunk16"),
+    "fp32_chunk128": (1, 2, 150, 16, 32, "float32", True, None, "normal", "chunk128"),
+    # eps = 0 with a stabiliser beyond exp()'s range and a zero query (q . n = 0), S not a multiple of the chunk
+    # (the padded tail): no 0 / 0 (issue 14 item 3)
+    "fp32_eps0_large_m": (1, 2, 45, 16, 16, "float32", True, None, "eps0", "small"),
     "bf16_state_resets": (2, 1, 53, 32, 16, "bfloat16", True, "mixed", "normal", "small"),
     "fp16_nostate": (1, 1, 40, 16, 32, "float16", False, None, "normal", "small"),
     "fp32_short_S1": (2, 1, 1, 16, 16, "float32", True, None, "normal", "small"),
@@ -35,9 +43,20 @@ CASES = {
     # (d_f was 1.8e-2 on the H200 before the backward split its 16-bit gradient tiles; the interpreter rounds
     # like the GPU, see _r16)
     "bf16_wide_qk": (1, 1, 150, 512, 64, "bfloat16", True, None, "normal", "default"),
+    # very negative forget pre-activations (issue 14 item 2): f ~ N(0, 1) + shift, or two "hard forget" tokens
+    # (f = -3000) among normal gates; all with an initial state. The chunk's log-forget sums reach 1e5 here, and
+    # the kernels once took O(1) differences of them in fp32 (h 1e-2 at shift -1e4, d_f 0.9 at -15). These are
+    # compared with the PyTorch chunkwise form's own error (see test_large_negative_forget_gates)
+    "fp32_shift-15": (1, 2, 70, 16, 16, "float32", True, None, "shift-15", "small"),
+    "fp32_shift-200": (1, 2, 70, 16, 16, "float32", True, None, "shift-200", "small"),
+    "fp32_shift-1e4": (1, 2, 70, 16, 16, "float32", True, None, "shift-1e4", "small"),
+    "fp32_hard_forget": (1, 2, 70, 16, 16, "float32", True, None, "hard", "small"),
+    "fp32_hard_forget_resets": (2, 1, 70, 16, 16, "float32", True, "mixed", "hard", "small"),
 }
-# the issue's bars: 1e-2 in bf16, 1e-4 in fp32 (here 2e-4: the extreme-gate case's own fp32 reference error)
-TOL = {"float32": 2e-4, "bfloat16": 1e-2, "float16": 5e-3}
+SHIFTS = {"shift-15": -15.0, "shift-200": -200.0, "shift-1e4": -1e4}
+# a few times the measured worst errors (interpreter): fp32 6.3e-6 (d_q, fp32_state_multichunk), bf16 4.5e-3
+# (d_n0, bf16_wide_qk), fp16 5.1e-4 (d_i); the issue's bars were 1e-4 (fp32) and 1e-2 (bf16)
+TOL = {"float32": 2e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 
 def _resets(kind, B, S):
@@ -69,8 +88,9 @@ def _worker() -> dict:
 
     sys.path.insert(0, os.path.dirname(HERE))
     from helpers import make_mlstm_case, rel_err
+    from fastxlstm.ops.mlstm_forms.chunkwise import mlstm_chunkwise
     from fastxlstm.ops.mlstm_forms.reference import mlstm_reference, mlstm_step_reference
-    from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton
+    from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton, mlstm_triton
     from fastxlstm.ops.mlstm_forms.triton._chunkwise import MLSTMTritonConfig, default_config, mlstm_chunkwise_triton
 
     small = MLSTMTritonConfig(chunk=32, block_t=16, block_k=16, block_v=16, block_k_state=16, block_v_state=16)
@@ -81,15 +101,39 @@ def _worker() -> dict:
         if gates == "extreme":  # saturated gates: i up to +-30, f from -30 (forget all) to +30 (keep all)
             kw = {"i_gen": lambda g: 60 * torch.rand(B, NH, S, generator=g, dtype=torch.float64) - 30,
                   "f_gen": lambda g: 60 * torch.rand(B, NH, S, generator=g, dtype=torch.float64) - 30}
+        elif gates in SHIFTS:
+            kw = {"f_gen": lambda g, sh=SHIFTS[gates]: torch.randn(B, NH, S, generator=g, dtype=torch.float64) + sh}
+        elif gates == "hard":
+            def hard(g):
+                f = 2.0 * torch.randn(B, NH, S, generator=g, dtype=torch.float64) + 2.0
+                f[..., 10] = -3000.0
+                f[..., 40] = -3000.0
+                return f
+            kw = {"f_gen": hard}
         case = make_mlstm_case(B, NH, S, DQK, DV, seed=len(name), with_state=with_state, **kw)
+        eps = 1e-6
+        if gates == "eps0":
+            eps = 0.0
+            case.tensors["m0"].fill_(1000.0)
+            case.tensors["q"][:, :, 5] = 0.0
+            # h_5 = 0 / (smallest normal): its true gradient is ~1e38 (an fp32 overflow in any form), so none flows in
+            case.grads_out["h"][:, :, 5] = 0.0
         case = case.cast(dtype).up()  # the reference sees exactly the rounded inputs
         resets = _resets(rk, B, S)
-        cfg = small if cfgname == "small" else default_config(DQK, DV)
-        got = _run(case, lambda q, k, v, i, f, s, r: mlstm_chunkwise_triton(q, k, v, i, f, s, 1e-6, r, cfg),
-                   dtype, resets)
-        ref = _run(case, lambda q, k, v, i, f, s, r: mlstm_reference(q, k, v, i, f, s, 1e-6, r),
+        if cfgname.startswith("chunk"):  # the public path: mlstm_triton with a chunk_size
+            L = int(cfgname[5:])
+            fn = lambda q, k, v, i, f, s, r: mlstm_triton(q, k, v, i, f, s, eps, r, chunk_size=L)  # noqa: E731
+        else:
+            cfg = small if cfgname == "small" else default_config(DQK, DV)
+            fn = lambda q, k, v, i, f, s, r: mlstm_chunkwise_triton(q, k, v, i, f, s, eps, r, cfg)  # noqa: E731
+        got = _run(case, fn, dtype, resets)
+        ref = _run(case, lambda q, k, v, i, f, s, r: mlstm_reference(q, k, v, i, f, s, eps, r),
                    torch.float64, resets)
         errs = {k: rel_err(got[k], ref[k]) for k in ref}
+        if gates in SHIFTS or gates == "hard":  # the PyTorch chunkwise form's error on the same inputs
+            pt = _run(case, lambda q, k, v, i, f, s, r: mlstm_chunkwise(q, k, v, i, f, s, 1e-6, r, 32), dtype,
+                      resets)
+            errs.update({"torch_" + k: rel_err(pt[k], ref[k]) for k in ref})
         errs["finite"] = all(bool(torch.isfinite(t).all()) for t in got.values())
         errs["h_dtype_ok"] = got["h"].dtype == dtype and got["C"].dtype == torch.float32
         results[name] = errs
@@ -175,7 +219,7 @@ def interp_results():
     return json.loads(line[len("RESULTS "):])
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[8] in ("normal", "extreme")])
 def test_chunkwise_matches_reference(interp_results, name):
     errs = dict(interp_results[name])
     assert errs.pop("finite"), f"{name}: non-finite outputs or gradients"
@@ -183,8 +227,38 @@ def test_chunkwise_matches_reference(interp_results, name):
     tol = TOL[CASES[name][5]]
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, f"{name}: relative errors over {tol}: {bad} (all: {errs})"
-    # gradients for the initial state exist exactly when a state was given
+    # gradients for the initial state exist exactly when a state was given, and the state is really read (an error
+    # of exactly 0 meant both gradients were 0: a reset at t=0 had discarded the state in every row)
     assert ("d_C0" in errs) == CASES[name][6]
+    if CASES[name][6]:
+        assert errs["d_C0"] > 0 and errs["d_n0"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[8] not in ("normal", "extreme", "eps0")])
+def test_large_negative_forget_gates(interp_results, name):
+    """Errors as small as the PyTorch chunkwise form's on the same fp32 inputs (a few times, or 3e-6 where both
+    are tiny). Measured (interpreter): h <= 2e-7, every gradient <= 1.1e-6 (the PyTorch form: the same within 2x);
+    before the fix h was 2.4e-6 / 4.3e-5 / 2.4e-3 (shift -15 / -200 / -1e4), 3e-4 (hard forget), and d_f 0.12
+    (shift -15), 1e79 (shift -200, where the true d_f is ~e^-200 and both forms give ~0)."""
+    errs = dict(interp_results[name])
+    assert errs.pop("finite"), f"{name}: non-finite outputs or gradients"
+    assert errs.pop("h_dtype_ok")
+    ours = {k: v for k, v in errs.items() if not k.startswith("torch_")}
+    bad = {k: (v, errs["torch_" + k]) for k, v in ours.items() if not v <= max(4 * errs["torch_" + k], 3e-6)}
+    assert not bad, f"{name}: (triton, torch) errors: {bad}; all: {errs}"
+    assert ours["h"] < 1e-6 and ours["d_q"] < 3e-6 and ours["d_k"] < 3e-6  # the issue's bar, not a relative one
+
+
+def test_eps_zero_large_m(interp_results):
+    """eps = 0, m_0 = 1000 (exp(-m) is 0 in fp32), a zero query, S = 45 (a padded tail): everything finite, and h
+    and the gradients that do not vanish match. With the state that dominant, h does not depend on k, v, i, f in
+    exact arithmetic (their true gradients are 0 and the reference's are rounding noise), so those are not
+    compared. Measured: h 2.5e-6, d_q 5.5e-6, d_C0 2.5e-6, d_n0 5.0e-6."""
+    errs = dict(interp_results["fp32_eps0_large_m"])
+    assert errs.pop("finite"), "non-finite outputs or gradients with eps = 0"
+    assert errs.pop("h_dtype_ok")
+    bad = {k: errs[k] for k in ("h", "C", "n", "m", "d_q", "d_C0", "d_n0") if not errs[k] < 2e-5}
+    assert not bad, f"over 2e-5: {bad}; all: {errs}"
 
 
 @pytest.mark.parametrize("dt", ["float32", "bfloat16"])
@@ -192,7 +266,7 @@ def test_step_matches_reference(interp_results, dt):
     errs = dict(interp_results["step_" + dt])
     assert errs.pop("nograd_same")
     assert errs.pop("inputs_untouched")
-    tol = 1e-5 if dt == "float32" else 1e-2
+    tol = 2e-6 if dt == "float32" else 1e-2  # measured 3.3e-7 / 3.1e-3
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, f"step {dt}: relative errors over {tol}: {bad} (all: {errs})"
 

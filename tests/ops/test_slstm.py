@@ -1,5 +1,5 @@
 """sLSTM backends against the step-by-step reference and against a plain loop over heads and units written here
-from the paper's equations (shared/spec/XLSTM.md section 2), in float64, gradients included.
+from the paper's equations (docs/MATH.md section 2), in float64, gradients included.
 
 The loop is deliberately naive and unstabilised (the true semantics: i = exp(pre_i), c and n unscaled); inputs
 are kept where exp() cannot overflow in float64. Final states are compared in true form: c exp(m), n exp(m).
@@ -17,7 +17,7 @@ from helpers import (SLSTMCase, SLSTMRun, assert_finite, compare_slstm, make_sls
 from fastxlstm.ops import slstm
 
 BACKENDS = ("reference", "recurrent")
-F64_TOL, F32_TOL = 1e-5, 1e-4
+F64_TOL, F32_TOL = 1e-13, 3e-6  # measured <= 1.3e-15 and 6.9e-7; the issue asked for 1e-5 and 1e-4
 TOL = {torch.float64: F64_TOL, torch.float32: F32_TOL}
 EXACT = 1e-10  # the same function in float64 (no eps in the sLSTM, so no stabiliser convention shows)
 
@@ -269,6 +269,8 @@ def test_return_state_false_returns_tensor(backend):
     out = slstm(t["x"], t["R"], t["b"], state=(t["c0"], t["n0"], t["m0"], t["h0"]), backend=backend,
                 return_state=False)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 7, 3, 8)
+    h, _ = slstm(t["x"], t["R"], t["b"], state=(t["c0"], t["n0"], t["m0"], t["h0"]), backend=backend)
+    assert torch.equal(out, h)  # the same values, not only the shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

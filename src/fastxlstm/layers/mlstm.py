@@ -1,4 +1,4 @@
-"""The paper's mLSTM block (xLSTM, NeurIPS 2024; shared/spec/XLSTM.md section 3): pre up-projection, factor 2.
+"""The paper's mLSTM block (xLSTM, NeurIPS 2024; docs/MATH.md section 3): pre up-projection, factor 2.
 
     x -> LayerNorm -> proj_up (E -> 2I) -> split (x_m, z)
     x_c = SiLU(causal conv(x_m));  q = W_q x_c,  k = W_k x_c,  v = W_v x_m   (block-diagonal, 4x4 blocks)
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .state import MLSTMBlockState
-from ..ops import mlstm, mlstm_step
+# the unchecked entry points: the model validated its inputs once (docs/ARCHITECTURE.md)
+from ..ops.dispatch import _mlstm_step_unchecked, _mlstm_unchecked
 from ._fast import cell_call, float_gate_linear, headwise_linear
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm
@@ -181,15 +182,15 @@ class MLSTMLayer(nn.Module):
         if S == 1:
             step_backend = "triton" if backend == "triton" else (
                 "auto" if backend == "auto" else "torch")
-            h, (C, n, m) = mlstm_step(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
-                                      i_pre.reshape(B, NH), f_pre.reshape(B, NH), cell_state, eps=self.cell_eps,
-                                      backend=step_backend)
+            h, (C, n, m) = _mlstm_step_unchecked(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
+                                                 i_pre.reshape(B, NH), f_pre.reshape(B, NH), cell_state,
+                                                 self.cell_eps, step_backend)
             h = h.view(B, 1, NH, DH)
         else:
             def heads(t):
                 return t.view(B, S, NH, DH).transpose(1, 2)
 
-            h, (C, n, m) = cell_call(self, mlstm, heads(q), heads(k), heads(v), i_pre.transpose(1, 2),
+            h, (C, n, m) = cell_call(self, _mlstm_unchecked, heads(q), heads(k), heads(v), i_pre.transpose(1, 2),
                                      f_pre.transpose(1, 2), state=cell_state, backend=backend,
                                      chunk_size=chunk_size, eps=self.cell_eps, resets=resets)
             h = h.transpose(1, 2)  # (B, S, NH, DH)

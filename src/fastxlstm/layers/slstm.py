@@ -1,4 +1,4 @@
-"""The paper's sLSTM block (xLSTM, NeurIPS 2024; shared/spec/XLSTM.md section 3): post up-projection.
+"""The paper's sLSTM block (xLSTM, NeurIPS 2024; docs/MATH.md section 3): post up-projection.
 
     y = x + GroupNorm_per_head(sLSTM cell(W_i x_c, W_f x_c, W_z x_n, W_o x_n)),   x_n = LayerNorm(x),
         x_c = SiLU(causal conv(x_n))   (the conv feeds only the i and f gates)
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .state import SLSTMBlockState
-from ..ops import slstm
+from ..ops.dispatch import _slstm_unchecked  # the model validated its inputs once
 from .conv import CausalConv1d
 from .ffn import GatedFFN
 from ._fast import cell_call, compute_dtype_for
@@ -107,7 +107,7 @@ class SLSTMLayer(nn.Module):
         # the CUDA kernels multiply 16-bit inputs on tensor cores (the values are the projections' either way)
         gates = gates.view(B, S, 4, NH, DH)
         cell_state = None if state is None else (state.c, state.n, state.m, state.h)
-        h, (c, n, m, h_last) = cell_call(self, slstm, gates, self.recurrent_kernel, self.gate_bias,
+        h, (c, n, m, h_last) = cell_call(self, _slstm_unchecked, gates, self.recurrent_kernel, self.gate_bias,
                                          state=cell_state, backend=backend, resets=resets)
         y = self.group_norm(h).to(x.dtype)  # (B, S, E)
         return y, SLSTMBlockState(c=c, n=n, m=m, h=h_last, conv=conv_state)

@@ -274,6 +274,8 @@ class XLSTMModelBase(nn.Module):
                     raise ValueError(f"state.blocks[{idx}].{name} has shape {tuple(t.shape)}, expected {shp}")
                 if t.device != device:
                     raise ValueError(f"state.blocks[{idx}].{name} is on {t.device} but the model is on {device}")
+                if not t.is_floating_point():
+                    raise ValueError(f"state.blocks[{idx}].{name} has dtype {t.dtype}; expected a floating dtype")
         return state
 
     def _state_shapes(self, batch_size: int):

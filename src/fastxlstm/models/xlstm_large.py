@@ -2,7 +2,7 @@
 
     x = x + mLSTMLayer(RMSNorm(x));   x = x + SwiGLU(RMSNorm(x));   logits = cap * tanh(lm_head(RMSNorm(x)) / cap)
 
-(shared/spec/XLSTM.md section 4). Parameter names equal transformers' ``xLSTMForCausalLM`` checkpoint keys, so its
+(docs/MATH.md section 3). Parameter names equal transformers' ``xLSTMForCausalLM`` checkpoint keys, so its
 state dict loads as is (see :mod:`fastxlstm.interop.transformers`). The cell is :func:`fastxlstm.ops.mlstm`
 (chunkwise/auto) for sequences and :func:`fastxlstm.ops.mlstm_step` for single-token decoding; the recurrent state
 flows in and out as an :class:`~fastxlstm.models.state.XLSTMState` of ``MLSTMBlockState`` (conv=None).
@@ -20,7 +20,7 @@ from torch import nn
 from ..layers._fast import cell_call, compute_dtype_for, float_gate_linear
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
-from ..ops import mlstm, mlstm_step
+from ..ops.dispatch import MLSTM_BACKENDS, _mlstm_step_unchecked, _mlstm_unchecked
 from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase, check_logits_to_keep
 from .output import CausalLMOutput
@@ -190,11 +190,14 @@ class MLSTMLargeLayer(nn.Module):
                 cell_state = (torch.where(keep[..., None, None], C, torch.zeros_like(C)),
                               torch.where(keep[..., None], n, torch.zeros_like(n)),
                               torch.where(keep, m, torch.zeros_like(m)))
-            h, (C, n, m) = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
-                                            cell_state, eps=self.eps)
+            # backend: "triton" and "auto" as given, any PyTorch form ("reference", "chunkwise", ...) the
+            # PyTorch step
+            step_backend = backend if backend in ("auto", "triton") else "torch"
+            h, (C, n, m) = _mlstm_step_unchecked(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                                                 cell_state, self.eps, step_backend)
             h = h.unsqueeze(2)
         else:
-            h, (C, n, m) = cell_call(self, mlstm, q, k, v, i, f, state=cell_state, backend=backend,
+            h, (C, n, m) = cell_call(self, _mlstm_unchecked, q, k, v, i, f, state=cell_state, backend=backend,
                                      chunk_size=self.chunk_size, eps=self.eps, resets=resets)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
         y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
@@ -235,6 +238,8 @@ class XLSTMLarge(XLSTMModelBase):
     forward(input_ids (B, S) int, state=None, resets=None (B, S) bool, return_state=True) -> CausalLMOutput with
     float32 logits (B, S, vocab_size) and the state after the last token. A single token with a state takes the
     step form; anything else the sequence form (``backend``: "auto" by default, see :func:`fastxlstm.ops.mlstm`).
+    The decode step honours ``backend`` too: "triton" the fused kernel, "auto" the fastest available, any PyTorch
+    form ("reference", "parallel", "chunkwise", "recurrent") the PyTorch step.
     """
 
     config_class = XLSTMLargeConfig
@@ -321,6 +326,8 @@ class XLSTMLarge(XLSTMModelBase):
                  labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
         backend = backend or self.backend or "auto"
+        if backend not in MLSTM_BACKENDS:
+            raise ValueError(f"backend must be one of {MLSTM_BACKENDS}, got {backend!r}")
         x = self.backbone.embeddings(ids)
         new_blocks = []
         for idx, blk in enumerate(self.backbone.blocks):

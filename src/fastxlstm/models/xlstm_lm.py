@@ -1,4 +1,4 @@
-"""The paper's xLSTM[a:b] language model (Beck et al., NeurIPS 2024; shared/spec/XLSTM.md section 3).
+"""The paper's xLSTM[a:b] language model (Beck et al., NeurIPS 2024; docs/MATH.md section 3).
 
     token ids -> embedding -> blocks (mLSTM, or sLSTM at ``slstm_at``) -> LayerNorm -> lm_head -> float32 logits
 

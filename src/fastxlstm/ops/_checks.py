@@ -50,6 +50,13 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
+def exp_floor(m: torch.Tensor) -> torch.Tensor:
+    """exp(-m), the normaliser's lower bound in stabilised space, kept >= the smallest normal number of m's dtype:
+    where exp(-m) underflows (m > ~87 in float32) a zero denominator (q_t = 0, or a padded token) would otherwise
+    give 0 / 0 with eps = 0 (docs/MATH.md, "eps")."""
+    return torch.exp(-m).clamp_min(torch.finfo(m.dtype).tiny)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and accumulations are at least float32; float64 inputs stay float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

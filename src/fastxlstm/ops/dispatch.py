@@ -6,6 +6,11 @@ The forms live in ``ops/mlstm_forms/`` and ``ops/slstm_forms/`` (one file per fo
 with a function). Every backend computes the same function (docs/MATH.md) and is tested against the
 step-by-step reference in float64. Backends are chosen per call with ``backend=``; "auto" picks the fastest one
 available for the inputs (Triton kernels on CUDA, the chunkwise PyTorch form elsewhere).
+
+Validation happens here, once, at the public edge. The layers and models call ``_mlstm_unchecked``,
+``_mlstm_step_unchecked`` and ``_slstm_unchecked``: the same backend choice without the per-call input checks
+(the model checks its token ids, resets and state once in forward; a generated token is not re-validated in every
+block). See docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -104,15 +109,19 @@ def _check_eps(eps):
 # mLSTM
 # ----------------------------------------------------------------------------------------------------------
 
-def _pick_mlstm_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+def _pick_mlstm_backend(backend: str, q: torch.Tensor, v: torch.Tensor, chunk_size: int = 64) -> str:
     if backend not in MLSTM_BACKENDS:
         raise ValueError(f"backend must be one of {MLSTM_BACKENDS}, got {backend!r}")
-    if backend == "triton" and not triton_available(q.device):
-        raise ValueError("backend='triton' needs a CUDA device and the triton package "
-                         f"(inputs are on {q.device}); use backend='auto' to fall back to PyTorch")
+    if backend == "triton":
+        if not triton_available(q.device):
+            raise ValueError("backend='triton' needs a CUDA device and the triton package "
+                             f"(inputs are on {q.device}); use backend='auto' to fall back to PyTorch")
+        if not _triton_chunk_ok(chunk_size):
+            raise ValueError(f"chunk_size={chunk_size} is not a chunk length of the Triton kernels: backend='triton' "
+                             f"takes chunk_size in {TRITON_CHUNK_SIZES} (backend='auto' falls back to PyTorch)")
     if backend != "auto":
         return backend
-    return "triton" if _triton_fits(q, v.shape[-1]) else "chunkwise"
+    return "triton" if _triton_fits(q, v.shape[-1], chunk_size) else "chunkwise"
 
 
 # Where "auto" uses the Triton kernels: CUDA, a dtype they take, B * NH within one grid axis, and the head dims
@@ -120,9 +129,26 @@ def _pick_mlstm_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
 _TRITON_MAX_HEAD_DIM = 512
 
 
-def _triton_fits(q: torch.Tensor, DV: int) -> bool:
+def _triton_fits(q: torch.Tensor, DV: int, chunk_size: int = 64) -> bool:
     return (triton_available(q.device) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and q.shape[0] * q.shape[1] <= 65535 and max(q.shape[-1], DV) <= _TRITON_MAX_HEAD_DIM)
+            and q.shape[0] * q.shape[1] <= 65535 and max(q.shape[-1], DV) <= _TRITON_MAX_HEAD_DIM
+            and _triton_chunk_ok(chunk_size))
+
+
+# The Triton kernels' chunk length (state stored every chunk_size tokens): a power of two in [16, 256] (the token
+# tile inside a chunk is min(64, chunk_size)). backend="triton" with another chunk_size is a ValueError;
+# backend="auto" then runs the PyTorch chunkwise form, which takes any chunk_size.
+TRITON_CHUNK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _triton_chunk_ok(chunk_size: int) -> bool:
+    return chunk_size in TRITON_CHUNK_SIZES
+
+
+def _check_chunk_size(chunk_size):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
 
 
 def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6,
@@ -134,9 +160,11 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
         v: (B, NH, S, DV) values.
         i, f: (B, NH, S) input and forget gate pre-activations (exponential input gate, sigmoid forget gate).
         state: optional initial state (C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH) or (B, NH, 1)), in the
-            stabilised form of the spec; None is a fresh (zero) state.
+            stabilised form of docs/MATH.md; None is a fresh (zero) state.
         backend: "auto", "reference", "parallel", "chunkwise", "recurrent" or "triton".
-        chunk_size: chunk length of the chunkwise forms (any S works, not only multiples).
+        chunk_size: chunk length of the chunkwise forms (any S works, not only multiples). The PyTorch form takes
+            any positive int; the Triton kernels take 16, 32, 64, 128 or 256 (backend="triton" raises ValueError
+            for another value, backend="auto" then uses the PyTorch form).
         eps: added to the normaliser's denominator (in stabilised space, as transformers and the official code).
         resets: optional (B, S) bool; True at t clears the state before token t is read (packed documents).
         return_state: when False return h alone.
@@ -149,9 +177,18 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
     state = _check_mlstm_state(state, B, NH, DQK, DV, device)
     resets = _check_resets(resets, B, S, device)
     eps = _check_eps(eps)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    name = _pick_mlstm_backend(backend, q, v)
+    _check_chunk_size(chunk_size)
+    return _mlstm_unchecked(q, k, v, i, f, state, backend, chunk_size, eps, resets, return_state)
+
+
+def _mlstm_unchecked(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6,
+                     resets: Optional[torch.Tensor] = None, return_state: bool = True):
+    """:func:`mlstm` without the input checks (for layers whose model validated its inputs once): the caller
+    guarantees the shapes, dtypes and devices :func:`mlstm` checks, and m of shape (B, NH)."""
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    device = q.device
+    name = _pick_mlstm_backend(backend, q, v, chunk_size)
     if S == 0:  # nothing to read: the state passes through unchanged (every backend agrees by definition)
         from .mlstm_forms.reference import zero_state
         cd = compute_dtype(q.dtype)
@@ -170,7 +207,7 @@ def mlstm(q, k, v, i, f, state=None, backend: str = "auto", chunk_size: int = 64
     elif name == "recurrent":
         from .mlstm_forms.recurrent import mlstm_recurrent
         h, st = mlstm_recurrent(q, k, v, i, f, state, eps, resets)
-    else:
+    else:  # chunk_size was checked against TRITON_CHUNK_SIZES by _pick_mlstm_backend
         from .mlstm_forms.triton import mlstm_triton
         h, st = mlstm_triton(q, k, v, i, f, state, eps, resets, chunk_size)
     return (h, st) if return_state else h
@@ -183,6 +220,8 @@ def mlstm_step(q, k, v, i, f, state, eps: float = 1e-6, backend: str = "auto"):
         q, k: (B, NH, DQK); v: (B, NH, DV); i, f: (B, NH) gate pre-activations.
         state: (C, n, m) as for :func:`mlstm`; None is a fresh state.
         backend: "auto", "torch" or "triton" (a fused kernel that reads and writes the state once).
+        A state in another floating dtype is cast to the compute dtype (float32; float64 for float64 inputs), as
+        :func:`mlstm` does.
 
     Returns:
         h (B, NH, DV) in the dtype of q, and the new state (C, n, m) (never modified in place).
@@ -202,15 +241,28 @@ def mlstm_step(q, k, v, i, f, state, eps: float = 1e-6, backend: str = "auto"):
     check_same_dtype(i=i, f=f)
     device = check_same_device(q=q, k=k, v=v, i=i, f=f)
     DV = v.shape[-1]
+    if DQK == 0 or DV == 0 or B == 0 or NH == 0:
+        raise ValueError(f"empty dimension in q {tuple(q.shape)} / v {tuple(v.shape)}")
     state = _check_mlstm_state(state, B, NH, DQK, DV, device)
     eps = _check_eps(eps)
+    return _mlstm_step_unchecked(q, k, v, i, f, state, eps, backend)
+
+
+def _mlstm_step_unchecked(q, k, v, i, f, state, eps: float = 1e-6, backend: str = "auto"):
+    """:func:`mlstm_step` without the input checks (see :func:`_mlstm_unchecked`)."""
+    B, NH, DQK = q.shape
+    DV = v.shape[-1]
+    device = q.device
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA device and triton (inputs are on {device})")
+    cd = compute_dtype(q.dtype)
     if state is None:
         from .mlstm_forms.reference import zero_state
-        state = zero_state(B, NH, DQK, DV, compute_dtype(q.dtype), device)
+        state = zero_state(B, NH, DQK, DV, cd, device)
+    elif any(s.dtype != cd for s in state):  # as mlstm does: the state is carried in the compute dtype
+        state = tuple(s.to(cd) for s in state)
     use_triton = backend == "triton" or (backend == "auto" and _triton_fits(q, DV))
     if use_triton:
         from .mlstm_forms.triton import mlstm_step_triton
@@ -293,8 +345,14 @@ def slstm(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Ten
                 raise ValueError(f"state {name} is on {s.device} but x is on {device}")
         state = tuple(state)
     resets = _check_resets(resets, B, S, device)
+    return _slstm_unchecked(x, R, b, state, backend, resets, return_state)
+
+
+def _slstm_unchecked(x, R, b, state=None, backend: str = "auto", resets: Optional[torch.Tensor] = None,
+                     return_state: bool = True):
+    """:func:`slstm` without the input checks (see :func:`_mlstm_unchecked`)."""
     name = _pick_slstm_backend(backend, x)
-    if name == "triton" and S == 0:
+    if name == "triton" and x.shape[1] == 0:
         name = "recurrent"  # nothing to run: the state passes through
     if name == "reference":
         from .slstm_forms.reference import slstm_reference

@@ -70,8 +70,12 @@ def mlstm_chunkwise(q, k, v, i, f, state=None, eps: float = 1e-6, resets: Option
             m_new = torch.where(cc, torch.maximum(m_carry, m_loc[..., c]), m_loc[..., c]).detach()
             w_prev = torch.where(cc, torch.exp(m_carry - m_new), torch.zeros_like(m_new))
         w_loc = torch.exp(m_loc[..., c] - m_new)
-        C = w_prev[..., None, None] * C + w_loc[..., None, None] * C_loc[:, :, c]
-        n = w_prev[..., None] * n + w_loc[..., None] * n_loc[:, :, c]
+        C_prev, n_prev = w_prev[..., None, None] * C, w_prev[..., None] * n
+        if carry is not None:  # a chunk with a reset drops the old state by selection (it may hold a NaN)
+            C_prev = torch.where(cc[..., None, None], C_prev, torch.zeros_like(C_prev))
+            n_prev = torch.where(cc[..., None], n_prev, torch.zeros_like(n_prev))
+        C = C_prev + w_loc[..., None, None] * C_loc[:, :, c]
+        n = n_prev + w_loc[..., None] * n_loc[:, :, c]
         m = m_new
 
     # 3. all outputs from the chunks' incoming states

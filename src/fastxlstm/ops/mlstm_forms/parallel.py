@@ -12,6 +12,12 @@ For a target t and a source s <= t in the same document (no reset in (s, t]):
 The segment sums are taken by a masked cumulative sum down each column (starting from 0 at s), not as
 differences of one long cumsum: the latter loses all precision in float32 once sum log f reaches -1e4.
 C_0 only reaches targets before the first reset. m is a constant for autograd, as in the reference.
+
+Masked-out terms are selected away with ``torch.where``, never multiplied by zero: a NaN or inf in one token's
+q, k, v or gates then reaches exactly the outputs the recurrence would reach (that token and later ones of its
+document), never earlier tokens nor a later document (packed documents stay isolated). A non-finite v is the one
+input a matmul cannot keep apart (0 * NaN = NaN inside W @ v), so it is zeroed before the matmuls and the
+outputs it reaches are set to NaN afterwards. See docs/MATH.md.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import compute_dtype
+from .._checks import compute_dtype, exp_floor
 
 
 def _cummax_index(resets: torch.Tensor) -> torch.Tensor:
@@ -67,17 +73,38 @@ def parallel_core(q, k, v, log_f, i, C0, n0, m0, resets: Optional[torch.Tensor],
     if init_w_mask is not None:
         init_w = torch.where(init_w_mask, init_w, torch.zeros_like(init_w))
 
+    # a non-finite v (rare) is kept out of the matmuls, and the targets it reaches are poisoned afterwards
+    v_bad = ~torch.isfinite(v).all(-1)  # (*, S)
+    v0 = torch.where(v_bad.unsqueeze(-1), torch.zeros_like(v), v)
+    poison = (valid & v_bad.unsqueeze(-2)).any(-1)  # (*, S): some source of t's document has a bad v
+    zero = Dexp.new_zeros(())
+
     h = None
     if want_h:
-        W = (q @ k.transpose(-1, -2)) * Dexp
-        num = W @ v + init_w.unsqueeze(-1) * (q @ C0)
-        den = W.sum(-1) + init_w * (q @ n0.unsqueeze(-1)).squeeze(-1)
-        h = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+        W = torch.where(valid, (q @ k.transpose(-1, -2)) * Dexp, zero)
+        qC = q @ C0
+        qn = (q @ n0.unsqueeze(-1)).squeeze(-1)
+        if init_w_mask is not None:  # after a reset the initial state is selected away (it may hold a NaN)
+            qC = torch.where(init_w_mask.unsqueeze(-1), qC, zero)
+            qn = torch.where(init_w_mask, qn, zero)
+        num = W @ v0 + init_w.unsqueeze(-1) * qC
+        den = W.sum(-1) + init_w * qn
+        h = num / (torch.maximum(den.abs(), exp_floor(m)) + eps).unsqueeze(-1)
+        h = torch.where(poison.unsqueeze(-1), torch.full_like(h, float("nan")), h)
 
     w_last = Dexp[..., -1, :]  # weights of every source into the final state
     iw_last = init_w[..., -1]
-    C = iw_last[..., None, None] * C0 + (k * w_last.unsqueeze(-1)).transpose(-1, -2) @ v
-    n = iw_last.unsqueeze(-1) * n0 + (k * w_last.unsqueeze(-1)).sum(-2)
+    kw = torch.where(valid[..., -1, :].unsqueeze(-1), k * w_last.unsqueeze(-1), zero)
+    C = kw.transpose(-1, -2) @ v0
+    n = kw.sum(-2)
+    if init_w_mask is None:
+        C = iw_last[..., None, None] * C0 + C
+        n = iw_last.unsqueeze(-1) * n0 + n
+    else:
+        keep0 = init_w_mask[..., -1]
+        C = torch.where(keep0[..., None, None], iw_last[..., None, None] * C0, zero) + C
+        n = torch.where(keep0.unsqueeze(-1), iw_last.unsqueeze(-1) * n0, zero) + n
+    C = torch.where(poison[..., -1, None, None], torch.full_like(C, float("nan")), C)
     return h, (C, n, m[..., -1])
 
 

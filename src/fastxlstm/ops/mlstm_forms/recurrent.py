@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import exp_floor
 from .parallel import prepare
 
 
@@ -14,14 +15,14 @@ def mlstm_recurrent(q, k, v, i, f, state=None, eps: float = 1e-6, resets: Option
     """Recurrent form of :func:`fastxlstm.ops.mlstm`. Returns h (B, NH, S, DV) and the final (C, n, m)."""
     B, NH, S, DQK = q.shape
     qs, k, v, i, log_f, C, n, m = prepare(q, k, v, i, f, state)
-    keep = None if resets is None else (~resets).to(log_f.dtype).view(B, 1, S)
+    keep = None if resets is None else (~resets).view(B, 1, S)
     hs = []
     for t in range(S):
-        if keep is not None:
-            kt = keep[..., t]
-            C = C * kt[..., None, None]
-            n = n * kt[..., None]
-            m = m * kt
+        if keep is not None:  # selected away, not multiplied by 0: a NaN before a reset must not cross it
+            kt = keep[..., t].expand(m.shape)
+            C = torch.where(kt[..., None, None], C, torch.zeros_like(C))
+            n = torch.where(kt[..., None], n, torch.zeros_like(n))
+            m = torch.where(kt, m, torch.zeros_like(m))
         lf_t = log_f[:, :, t]
         m_new = torch.maximum(lf_t + m, i[:, :, t]).detach()
         f_p = torch.exp(lf_t + m - m_new)
@@ -32,7 +33,7 @@ def mlstm_recurrent(q, k, v, i, f, state=None, eps: float = 1e-6, resets: Option
         q_t = qs[:, :, t].unsqueeze(-2)
         num = (q_t @ C).squeeze(-2)
         den = (q_t @ n.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        hs.append(num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps).unsqueeze(-1))
+        hs.append(num / (torch.maximum(den.abs(), exp_floor(m_new)) + eps).unsqueeze(-1))
         m = m_new
     h = torch.stack(hs, dim=2)
     return h.to(q.dtype), (C, n, m)

@@ -1,4 +1,4 @@
-"""The mLSTM cell, step by step, exactly as shared/spec/XLSTM.md section 1 defines it.
+"""The mLSTM cell, step by step, exactly as docs/MATH.md section 1 defines it.
 
 This is the definition every other backend is tested against. It runs in any floating dtype (float64 for
 tests); half-precision inputs are computed in float32. The stabiliser m is a constant for autograd (it gets no
@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._checks import compute_dtype
+from .._checks import compute_dtype, exp_floor
 
 MLSTMState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -43,7 +43,7 @@ def mlstm_step_reference(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6):
     q_s = q * (q.shape[-1] ** -0.5)
     num = torch.einsum("bhd,bhde->bhe", q_s, C_new)
     den = (q_s * n_new).sum(-1)
-    h = num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)[..., None]
+    h = num / (torch.maximum(den.abs(), exp_floor(m_new)) + eps)[..., None]
     return h, (C_new, n_new, m_new)
 
 

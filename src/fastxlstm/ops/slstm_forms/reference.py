@@ -1,4 +1,4 @@
-"""The sLSTM cell, step by step (shared/spec/XLSTM.md section 2), written to read like the equations.
+"""The sLSTM cell, step by step (docs/MATH.md section 2), written to read like the equations.
 
 Gates in the order (i, f, z, o). Exponential input gate, sigmoid forget gate, stabilised with m as the mLSTM.
 m gets no gradient: h does not depend on it.

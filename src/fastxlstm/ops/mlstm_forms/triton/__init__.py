@@ -17,11 +17,15 @@ def mlstm_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets=None, chun
 
     q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); state None or (C (B, NH, DQK, DV), n (B, NH, DQK),
     m (B, NH)); resets None or (B, S) bool. Returns h (B, NH, S, DV) in q's dtype and (C, n, m) in float32.
-    ``chunk_size`` is a hint only: the kernels use their own tuned chunk length (any S works, no padding needed
-    by the caller, and S is not a compile-time constant, so new lengths do not recompile).
+    ``chunk_size``: the kernels' chunk length (the state is stored every chunk_size tokens), a power of two in
+    [16, 256]; None takes the tuned default (64). Any S works (no padding needed by the caller), and S is not a
+    compile-time constant, so new lengths do not recompile.
     """
-    from ._chunkwise import mlstm_chunkwise_triton
-    return mlstm_chunkwise_triton(q, k, v, i, f, state, eps, resets)
+    from ._chunkwise import default_config, mlstm_chunkwise_triton
+    cfg = None
+    if chunk_size is not None:
+        cfg = default_config(q.shape[-1], v.shape[-1], chunk=chunk_size)
+    return mlstm_chunkwise_triton(q, k, v, i, f, state, eps, resets, cfg)
 
 
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6):

@@ -1,4 +1,4 @@
-"""Chunkwise mLSTM forward and backward in Triton (written from shared/spec/XLSTM.md section 1).
+"""Chunkwise mLSTM forward and backward in Triton (written from docs/MATH.md section 1).
 
 Layout of the computation (per batch*head "bh", chunk length L, a constexpr independent of S):
 
@@ -63,10 +63,12 @@ def _pow2_at_least16(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-def default_config(DQK: int, DV: int) -> MLSTMTritonConfig:
+def default_config(DQK: int, DV: int, chunk: int = 64) -> MLSTMTritonConfig:
+    """The tuned tiling for head dims (DQK, DV) and chunk length ``chunk`` (a power of two >= 16; the token tile
+    is min(64, chunk))."""
     bk = min(_pow2_at_least16(DQK), 128)
     bv = min(_pow2_at_least16(DV), 128)
-    return MLSTMTritonConfig(chunk=64, block_t=64, block_k=bk, block_v=bv,
+    return MLSTMTritonConfig(chunk=chunk, block_t=min(64, chunk), block_k=bk, block_v=bv,
                              block_k_state=bk, block_v_state=min(bv, 64), num_warps=4)
 
 
@@ -103,8 +105,23 @@ def _segmax_combine(v1, f1, v2, f2):
     return tl.where(f2 > 0, v2, tl.maximum(v1, v2)), tl.maximum(f1, f2)
 
 
+@triton.jit
+def _split2(x, ok):
+    """float64 -> (hi, lo) fp32 pair with hi + lo = x to ~2^-48 relative (lo = 0 where not ok, e.g. at -inf)."""
+    hi = x.to(tl.float32)
+    lo = (tl.where(ok, x, 0.0) - tl.where(ok, hi, 0.0).to(tl.float64)).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _pair_max(m_prev, hi, lo):
+    """max(m_prev, hi + lo) as a pair (m_prev is a plain fp32): compared on hi, which decides up to one ulp."""
+    use = m_prev > hi
+    return tl.where(use, m_prev, hi), tl.where(use, 0.0, lo)
+
+
 @triton.jit(do_not_specialize=["S", "NC"])
-def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, S, NC, NH,
+def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, S, NC, NH,
                     HAS_RESET: tl.constexpr, L: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -114,25 +131,34 @@ def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, S, NC, NH
     ig = tl.load(i_ptr + bh * S + t, mask=valid, other=0.0).to(tl.float32)
     # log sigmoid(f), stable for both signs
     lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
-    lf = tl.where(valid, lf, 0.0)
+    lf = tl.where(valid, lf, 0.0).to(tl.float64)
+    # float64 sums, kept as (hi, lo) fp32 pairs: a and M reach |sum log f| over the chunk (1e5 and more for very
+    # negative forget pre-activations) while the kernels need their O(1) differences a_j - M_t and m_t = b_t + M_t;
+    # one fp32 each lost ulp(|b|) of those (h errors up to 1e-2, see benchmarks/NOTES.md "Large negative f")
     b = tl.cumsum(lf, 0)
     if HAS_RESET:
         rst = tl.load(r_ptr + (bh // NH) * S + t, mask=valid, other=0).to(tl.int32)
     else:
         rst = tl.zeros([L], dtype=tl.int32)
     seg = tl.cumsum(rst, 0)
-    a = tl.where(valid, ig - b, float("-inf"))
+    a = tl.where(valid, ig.to(tl.float64) - b, float("-inf"))
     e = tl.where(rst > 0, tl.maximum(a, lf - b), a)
     Mloc, _ = tl.associative_scan((e, rst), 0, _segmax_combine)
     o = bh * NC * L + t
-    tl.store(b_ptr + o, b)
-    tl.store(a_ptr + o, a)
+    bh_, bl_ = _split2(b, t >= 0)
+    ah_, al_ = _split2(a, valid)
+    Mh_, Ml_ = _split2(Mloc, Mloc > float("-inf"))
+    tl.store(b_ptr + o, bh_)
+    tl.store(bl_ptr + o, bl_)
+    tl.store(a_ptr + o, ah_)
+    tl.store(al_ptr + o, al_)
     tl.store(seg_ptr + o, seg)
-    tl.store(M_ptr + o, Mloc)
+    tl.store(M_ptr + o, Mh_)
+    tl.store(Ml_ptr + o, Ml_)
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
-def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr, m0_ptr,
+def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, C0_ptr, n0_ptr, m0_ptr,
                       Cbuf_ptr, nbuf_ptr, mbuf_ptr, Cout_ptr, nout_ptr, mout_ptr, S, NC,
                       DQK: tl.constexpr, DV: tl.constexpr, HAS_STATE: tl.constexpr, L: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
@@ -162,14 +188,13 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
         if (pv == 0) & (pk == 0):
             tl.store(mbuf_ptr + bh * NC + c, m)
         so = bh * NC * L + c * L
-        bL = tl.load(b_ptr + so + L - 1)
         segL = tl.load(seg_ptr + so + L - 1)
-        MlocL = tl.load(M_ptr + so + L - 1)
-        ML = tl.where(segL == 0, tl.maximum(m, MlocL), MlocL)
-        G = tl.where(segL == 0, tl.exp(m - ML), 0.0)
+        MLh, MLl = _chunk_end_stab(seg_ptr, M_ptr, Ml_ptr, so, m, L)
+        G = tl.where(segL == 0, tl.exp((m - MLh) - MLl), 0.0)
         a = tl.load(a_ptr + so + tt)
+        al = tl.load(al_ptr + so + tt)
         seg = tl.load(seg_ptr + so + tt)
-        w = tl.exp(tl.where(seg == segL, a - ML, float("-inf")))
+        w = tl.exp(tl.where(seg == segL, (a - MLh) + (al - MLl), float("-inf")))
         t = c * L + tt
         mt = t < S
         # per-head 64-bit base + int32 in-head offsets: measured (ptxas, sm_90) 936 -> 312 bytes of spills
@@ -181,7 +206,7 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
         # 16-bit operands (the gate-weighted keys rounded once): fp32/tf32 operands here measured 1.7x slower
         C = G * C + _dot(tl.trans(_r16(kw, vv.dtype, UP)), vv, IP, UP)
         n = G * n + tl.sum(kw, 0)
-        m = bL + ML
+        m = (tl.load(b_ptr + so + L - 1) + MLh) + (tl.load(bl_ptr + so + L - 1) + MLl)
     tl.store(Cout_ptr + bh * DQK * DV + cofs, C, mask=cmask)
     if pv == 0:
         tl.store(nout_ptr + bh * DQK + dk, n, mask=mk)
@@ -190,18 +215,55 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, C0_ptr, n0_ptr
 
 
 @triton.jit
-def _row_stab(b_ptr, seg_ptr, M_ptr, so, rr, m_prev):
-    """Per-row stabiliser pieces for in-chunk rows rr: (M_t, seg_t, state weight exp(m_prev - M_t) or 0, m_t)."""
-    b = tl.load(b_ptr + so + rr)
+def _chunk_end_stab(seg_ptr, M_ptr, Ml_ptr, so, m_prev, L: tl.constexpr):
+    """The stabiliser M_L at the chunk's last token as a (hi, lo) pair: max(m_prev, Mloc_L) without a reset in
+    the chunk, else Mloc_L."""
+    segL = tl.load(seg_ptr + so + L - 1)
+    h0 = tl.load(M_ptr + so + L - 1)
+    l0 = tl.load(Ml_ptr + so + L - 1)
+    Mh, Ml = _pair_max(m_prev, h0, l0)
+    return tl.where(segL == 0, Mh, h0), tl.where(segL == 0, Ml, l0)
+
+
+@triton.jit
+def _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rr, m_prev):
+    """Per-row stabiliser pieces for in-chunk rows rr: (M_t as a (hi, lo) pair, seg_t, state weight
+    exp(m_prev - M_t) or 0, m_t = b_t + M_t). The pairs make a_j - M_t and b_t + M_t exact to fp32 rounding of
+    the result, whatever the size of the chunk's log-forget sum (see _scalars_kernel)."""
     seg = tl.load(seg_ptr + so + rr)
-    Mloc = tl.load(M_ptr + so + rr)
-    M = tl.where(seg == 0, tl.maximum(m_prev, Mloc), Mloc)
-    st = tl.where(seg == 0, tl.exp(m_prev - M), 0.0)
-    return M, seg, st, b + M
+    Mh0 = tl.load(M_ptr + so + rr)
+    Ml0 = tl.load(Ml_ptr + so + rr)
+    Mh, Ml = _pair_max(m_prev, Mh0, Ml0)
+    Mh = tl.where(seg == 0, Mh, Mh0)
+    Ml = tl.where(seg == 0, Ml, Ml0)
+    st = tl.where(seg == 0, tl.exp((m_prev - Mh) - Ml), 0.0)
+    mt = (tl.load(b_ptr + so + rr) + Mh) + (tl.load(bl_ptr + so + rr) + Ml)
+    return Mh, Ml, seg, st, mt
+
+
+@triton.jit
+def _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq):
+    """The decay tile D[t, j] = exp(a_j - M_t) (rows rq, columns rk; 0 outside j <= t in one segment)."""
+    a = tl.load(a_ptr + so + rk)
+    al = tl.load(al_ptr + so + rk)
+    segk = tl.load(seg_ptr + so + rk)
+    keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
+    return tl.exp(tl.where(keep, (a[None, :] - Mh[:, None]) + (al[None, :] - Ml[:, None]), float("-inf")))
+
+
+@triton.jit
+def _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq):
+    """The transposed decay tile D^T[j, t] (rows rk, columns rq), formed directly (no register transpose)."""
+    a = tl.load(a_ptr + so + rk)
+    al = tl.load(al_ptr + so + rk)
+    segk = tl.load(seg_ptr + so + rk)
+    keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
+    return tl.exp(tl.where(keep, (a[:, None] - Mh[None, :]) + (al[:, None] - Ml[None, :]), float("-inf")))
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
-def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr, nbuf_ptr, mbuf_ptr,
+def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
+                    Cbuf_ptr, nbuf_ptr, mbuf_ptr,
                     h_ptr, den_ptr, mo_ptr, S, NC, scale, eps,
                     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
@@ -218,7 +280,7 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr,
     dv = pv * BV + tl.arange(0, BV)
     mv = dv < DV
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
-    M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+    Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     den = tl.zeros([BT], dtype=tl.float32)
     sbase = (bh * NC + c) * DQK * DV
@@ -245,15 +307,12 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, Cbuf_ptr,
             kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :],
                          other=0.0)
             s += _dot(qq, tl.trans(kk), IP, UP)
-        a = tl.load(a_ptr + so + rk)
-        segk = tl.load(seg_ptr + so + rk)
-        keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
-        D = tl.exp(tl.where(keep, a[None, :] - M[:, None], float("-inf")))
+        D = _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
         P = s * D * scale
         den += tl.sum(P, 1)
         vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
         acc += _dot(_r16(P, vv.dtype, UP), vv, IP, UP)
-    Z = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
+    Z = tl.maximum(tl.abs(den), tl.maximum(tl.exp(-mt), 1.1754943508222875e-38)) + eps  # floor: see exp_floor
     hh = acc / Z[:, None]
     tl.store(h_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], _r16(hh, h_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mv[None, :])
@@ -278,7 +337,7 @@ def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, R, eps,
         acc += tl.sum(hh * gg, 1)
     den = tl.load(den_ptr + rows, mask=mr, other=1.0)
     mt = tl.load(m_ptr + rows, mask=mr, other=0.0)
-    floor = tl.exp(-mt)
+    floor = tl.maximum(tl.exp(-mt), 1.1754943508222875e-38)  # see exp_floor (ops/_checks.py)
     rz = 1.0 / (tl.maximum(tl.abs(den), floor) + eps)
     sgn = tl.where(den > 0, 1.0, tl.where(den < 0, -1.0, 0.0))
     dd = tl.where(tl.abs(den) > floor, -acc * rz * sgn, 0.0)
@@ -287,7 +346,7 @@ def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, R, eps,
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
-def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, dCT_ptr, dnT_ptr,
+def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, Ml_ptr, mbuf_ptr, dCT_ptr, dnT_ptr,
                       dCbuf_ptr, dnbuf_ptr, dC0_ptr, dn0_ptr, Cbuf_ptr, nbuf_ptr, E_ptr,
                       S, NC, BH, scale,
                       DQK: tl.constexpr, DV: tl.constexpr, HAS_DSTATE: tl.constexpr, L: tl.constexpr,
@@ -316,9 +375,8 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
         so = bh * NC * L + c * L
         m_prev = tl.load(mbuf_ptr + bh * NC + c)
         segL = tl.load(seg_ptr + so + L - 1)
-        MlocL = tl.load(M_ptr + so + L - 1)
-        ML = tl.where(segL == 0, tl.maximum(m_prev, MlocL), MlocL)
-        G = tl.where(segL == 0, tl.exp(m_prev - ML), 0.0)
+        MLh, MLl = _chunk_end_stab(seg_ptr, M_ptr, Ml_ptr, so, m_prev, L)
+        G = tl.where(segL == 0, tl.exp((m_prev - MLh) - MLl), 0.0)
         # Eg_c = G_c (<dC_c, C_{c-1}> + <dn_c, n_{c-1}>): the part of d(chunk-end log-gate sum) that comes from
         # the incoming state (the in-chunk part is summed per token from k . dk_inter, see _backward)
         Cp = tl.load(Cbuf_ptr + (bh * NC + c) * DQK * DV + cofs, mask=cmask, other=0.0).to(tl.float32)
@@ -327,9 +385,8 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
             e += tl.sum(dn * tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0), 0)
         tl.store(E_ptr + ((pk * tl.num_programs(1) + pv) * BH + bh) * NC + c, G * e)
         seg = tl.load(seg_ptr + so + tt)
-        Mloc = tl.load(M_ptr + so + tt)
-        Mt = tl.where(seg == 0, tl.maximum(m_prev, Mloc), Mloc)
-        st = tl.where(seg == 0, tl.exp(m_prev - Mt), 0.0) * scale
+        Mth, Mtl = _pair_max(m_prev, tl.load(M_ptr + so + tt), tl.load(Ml_ptr + so + tt))
+        st = tl.where(seg == 0, tl.exp((m_prev - Mth) - Mtl), 0.0) * scale
         t = c * L + tt
         mt = t < S
         qq = tl.load(q_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
@@ -344,8 +401,57 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, mbuf_ptr, d
         tl.store(dn0_ptr + bh * DQK + dk, dn, mask=mk)
 
 
+@triton.jit
+def _col_weights(a_ptr, al_ptr, seg_ptr, M_ptr, Ml_ptr, so, rk, m_prev, L: tl.constexpr):
+    """Weights of in-chunk columns rk in the chunk's outgoing state: exp(a_j - M_L) in the last segment."""
+    segL = tl.load(seg_ptr + so + L - 1)
+    MLh, MLl = _chunk_end_stab(seg_ptr, M_ptr, Ml_ptr, so, m_prev, L)
+    a = tl.load(a_ptr + so + rk)
+    al = tl.load(al_ptr + so + rk)
+    segk = tl.load(seg_ptr + so + rk)
+    w = tl.exp(tl.where(segk == segL, (a - MLh) + (al - MLl), float("-inf")))
+    return w
+
+
+@triton.jit
+def _acc_dot(acc, X, B, dt: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr, SPLIT: tl.constexpr):
+    """acc += X @ B with the fp32 tile X rounded to B's dtype; SPLIT: its rounding error as a second 16-bit
+    operand, one more dot (see _backward)."""
+    Xh = _r16(X, dt, UP)
+    acc += _dot(Xh, B, IP, UP)
+    if SPLIT:
+        acc += _dot(_r16(X - Xh.to(tl.float32), dt, UP), B, IP, UP)
+    return acc
+
+
+@triton.jit
+def _split_diag(X, rr, rc):
+    """(X without its diagonal, the diagonal as a vector over rows): the tile's entries with rr == rc."""
+    diag = rr[:, None] == rc[None, :]
+    return tl.where(diag, 0.0, X), tl.sum(tl.where(diag, X, 0.0), 1)
+
+
+@triton.jit
+def _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, tq, mq, Mh, Ml, seg, rz, dd, bh, S,
+             DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr,
+             UP: tl.constexpr):
+    """X = dP * D for the query rows rq and key tile kj (dP = dh v^T / Z + d den); with the key positions."""
+    rk = kj * BT + tl.arange(0, BT)
+    tk = c * L + rk
+    mkv = tk < S
+    dP = tl.zeros([BT, BT], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        dv = v0 + tl.arange(0, BV)
+        mv = dv < DV
+        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        dP += _dot(dh, tl.trans(vv), IP, UP)
+    dP = dP * rz[:, None] + dd[:, None]
+    return dP * _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq), rk, tk, mkv
+
+
 @triton.jit(do_not_specialize=["S", "NC"])
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
                    Cbuf_ptr, nbuf_ptr, mbuf_ptr, dq_ptr, qdq_ptr, S, NC, BH, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
@@ -363,7 +469,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     dk = pk * BK + tl.arange(0, BK)
     mk = dk < DQK
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
-    M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+    Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
     rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
     dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
     qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
@@ -379,51 +485,53 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
     # 1/Z is applied to the fp32 products, never rounded into a 16-bit dh (see _bwd_dk_kernel)
     acc = (acc * rz[:, None] + dd[:, None] * nb[None, :]) * st[:, None]
-    for kj in range(0, qi + 1):
-        rk = kj * BT + tl.arange(0, BT)
-        tk = c * L + rk
-        mkv = tk < S
-        dP = tl.zeros([BT, BT], dtype=tl.float32)
-        for v0 in range(0, DV, BV):
-            dv = v0 + tl.arange(0, BV)
-            mv = dv < DV
-            dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
-                         other=0.0)
-            vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :],
-                         other=0.0)
-            dP += _dot(dh, tl.trans(vv), IP, UP)
-        dP = dP * rz[:, None] + dd[:, None]
-        a = tl.load(a_ptr + so + rk)
-        segk = tl.load(seg_ptr + so + rk)
-        keep = (rk[None, :] <= rq[:, None]) & (segk[None, :] == seg[:, None])
-        D = tl.exp(tl.where(keep, a[None, :] - M[:, None], float("-inf")))
+    for kj in range(0, qi):
+        X, rk, tk, mkv = _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, tq, mq, Mh, Ml, seg, rz, dd,
+                                  bh, S, DV, L, BT, BV, IP, UP)
         kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
-        X = dP * D
-        Xh = _r16(X, dt, UP)
-        acc += _dot(Xh, kk, IP, UP)
-        if SPLIT:  # the rounding error as a second 16-bit operand (see _backward)
-            acc += _dot(_r16(X - Xh.to(tl.float32), dt, UP), kk, IP, UP)
-    dq = acc * scale
+        acc = _acc_dot(acc, X, kk, dt, IP, UP, SPLIT)
+    # the diagonal tile last, its diagonal (the token's own term) apart: q.dq is written without it (see _backward)
+    X, rk, tk, mkv = _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, qi, rq, tq, mq, Mh, Ml, seg, rz, dd,
+                              bh, S, DV, L, BT, BV, IP, UP)
+    X, xd = _split_diag(X, rq, rk)
+    kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+    acc = _acc_dot(acc, X, kk, dt, IP, UP, SPLIT)
+    tl.store(qdq_ptr + (pk * BH + bh) * S + tq, tl.sum(qq.to(tl.float32) * acc, 1) * scale, mask=mq)
+    dq = (acc + xd[:, None] * kk.to(tl.float32)) * scale
     tl.store(dq_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], _r16(dq, dq_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mk[None, :])
-    tl.store(qdq_ptr + (pk * BH + bh) * S + tq, tl.sum(qq.to(tl.float32) * dq, 1), mask=mq)
 
 
 @triton.jit
-def _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L: tl.constexpr):
-    """Weights of in-chunk columns rk in the chunk's outgoing state: exp(a_j - M_L) in the last segment."""
-    segL = tl.load(seg_ptr + so + L - 1)
-    MlocL = tl.load(M_ptr + so + L - 1)
-    ML = tl.where(segL == 0, tl.maximum(m_prev, MlocL), MlocL)
-    a = tl.load(a_ptr + so + rk)
-    segk = tl.load(seg_ptr + so + rk)
-    w = tl.exp(tl.where(segk == segL, a - ML, float("-inf")))
-    return a, segk, w
+def _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr, dd_ptr, so, c, qi,
+             rk, tk, mkv, m_prev, bh, S, scale,
+             DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr,
+             UP: tl.constexpr):
+    """X^T = (dP D)^T * scale for the key rows rk and query tile qi; with the query positions."""
+    rq = qi * BT + tl.arange(0, BT)
+    tq = c * L + rq
+    mq = tq < S
+    Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
+    rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
+    dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
+    dPT = tl.zeros([BT, BT], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        dv = v0 + tl.arange(0, BV)
+        mv = dv < DV
+        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        dPT += _dot(vv, tl.trans(dh), IP, UP)
+    # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards
+    # (rounding dh / Z to 16 bits first was one more rounding in every product, for nothing; see _backward
+    # for why the gate gradients are sensitive to such roundings)
+    dPT = dPT * rz[None, :] + dd[None, :]
+    DT = _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
+    return dPT * DT * scale, rq, tq, mq
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
-def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
-                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, S, NC, BH, scale,
+def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
+                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, kdd_ptr, S, NC, BH, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
                    SPLIT: tl.constexpr):
@@ -440,7 +548,7 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     dk = pk * BK + tl.arange(0, BK)
     mk = dk < DQK
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
-    a, segk, w = _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L)
+    w = _col_weights(a_ptr, al_ptr, seg_ptr, M_ptr, Ml_ptr, so, rk, m_prev, L)
     kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
     dt = kk.dtype
     acc = tl.zeros([BT, BK], dtype=tl.float32)
@@ -454,41 +562,28 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     dnb = tl.load(dnbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
     acc = (acc + dnb[None, :]) * w[:, None]
     tl.store(kdki_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
-    for qi in range(kj, NQ):
-        rq = qi * BT + tl.arange(0, BT)
-        tq = c * L + rq
-        mq = tq < S
-        M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
-        rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
-        dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
-        dPT = tl.zeros([BT, BT], dtype=tl.float32)
-        for v0 in range(0, DV, BV):
-            dv = v0 + tl.arange(0, BV)
-            mv = dv < DV
-            vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :],
-                         other=0.0)
-            dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :],
-                         other=0.0)
-            dPT += _dot(vv, tl.trans(dh), IP, UP)
-        # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards
-        # (rounding dh / Z to 16 bits first was one more rounding in every product, for nothing; see _backward
-        # for why the gate gradients are sensitive to such roundings)
-        dPT = dPT * rz[None, :] + dd[None, :]
-        keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
-        DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
+    for qi in range(kj + 1, NQ):
+        X, rq, tq, mq = _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr,
+                                 dd_ptr, so, c, qi, rk, tk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
         qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
-        X = dPT * DT * scale
-        Xh = _r16(X, dt, UP)
-        acc += _dot(Xh, qq, IP, UP)
-        if SPLIT:  # the rounding error as a second 16-bit operand (see _backward)
-            acc += _dot(_r16(X - Xh.to(tl.float32), dt, UP), qq, IP, UP)
+        acc = _acc_dot(acc, X, qq, dt, IP, UP, SPLIT)
+    # the diagonal tile last, its diagonal apart (as in _bwd_dq_kernel)
+    X, rq, tq, mq = _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr,
+                             dd_ptr, so, c, kj, rk, tk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
+    X, xd = _split_diag(X, rk, rq)
+    qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    acc = _acc_dot(acc, X, qq, dt, IP, UP, SPLIT)
+    kf = kk.to(tl.float32)
+    tl.store(kdk_ptr + (pk * BH + bh) * S + tk, tl.sum(kf * acc, 1), mask=mkv)
+    dd_k = xd[:, None] * qq.to(tl.float32)
+    tl.store(kdd_ptr + (pk * BH + bh) * S + tk, tl.sum(kf * dd_k, 1), mask=mkv)
+    acc += dd_k
     tl.store(dk_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], _r16(acc, dk_ptr.dtype.element_ty, UP),
              mask=mkv[:, None] & mk[None, :])
-    tl.store(kdk_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
-def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
+def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
                    dCbuf_ptr, mbuf_ptr, dv_ptr, S, NC, scale,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
@@ -505,7 +600,7 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
     dv = pv * BV + tl.arange(0, BV)
     mv = dv < DV
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
-    a, segk, w = _col_weights(a_ptr, seg_ptr, M_ptr, so, rk, m_prev, L)
+    w = _col_weights(a_ptr, al_ptr, seg_ptr, M_ptr, Ml_ptr, so, rk, m_prev, L)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     sbase = (bh * NC + c) * DQK * DV
     for k0 in range(0, DQK, BK):
@@ -519,7 +614,7 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
         rq = qi * BT + tl.arange(0, BT)
         tq = c * L + rq
         mq = tq < S
-        M, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, so, rq, m_prev)
+        Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
         rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
         sT = tl.zeros([BT, BT], dtype=tl.float32)
         for k0 in range(0, DQK, BK):
@@ -530,8 +625,7 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr,
             qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :],
                          other=0.0)
             sT += _dot(kk, tl.trans(qq), IP, UP)
-        keep = (rk[:, None] <= rq[None, :]) & (segk[:, None] == seg[None, :])
-        DT = tl.exp(tl.where(keep, a[:, None] - M[None, :], float("-inf")))
+        DT = _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
         dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
         acc += _dot(_r16(sT * DT * (scale * rz)[None, :], dh.dtype, UP), dh, IP, UP)
     tl.store(dv_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], _r16(acc, dv_ptr.dtype.element_ty, UP),
@@ -564,10 +658,11 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     sb = torch.empty(BH, NC * L, device=dev, dtype=f32)
     sa = torch.empty_like(sb)
     sM = torch.empty_like(sb)
+    sbl, sal, sMl = torch.empty_like(sb), torch.empty_like(sb), torch.empty_like(sb)  # the pairs' low parts
     sseg = torch.empty(BH, NC * L, device=dev, dtype=torch.int32)
     has_reset = resets is not None
     r_arg = resets.to(torch.int8).contiguous() if has_reset else sb
-    _scalars_kernel[(NC, BH)](f, i, r_arg, sb, sa, sseg, sM, S, NC, NH, HAS_RESET=has_reset, L=L)
+    _scalars_kernel[(NC, BH)](f, i, r_arg, sb, sa, sseg, sM, sbl, sal, sMl, S, NC, NH, HAS_RESET=has_reset, L=L)
 
     # the chunk states are only ever consumed as dot operands in q's dtype, so they are stored in it (half the
     # traffic for bf16); the recurrence itself runs in fp32 registers
@@ -582,7 +677,7 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     up = _upcast_dots(q.dtype)
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
     grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
-    _fwd_state_kernel[grid](k, v, sb, sa, sseg, sM, C0 if has_state else C, n0 if has_state else n,
+    _fwd_state_kernel[grid](k, v, sb, sa, sseg, sM, sbl, sal, sMl, C0 if has_state else C, n0 if has_state else n,
                             m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, DQK=DQK, DV=DV,
                             HAS_STATE=has_state, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
                             num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
@@ -591,10 +686,10 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     mt = torch.empty(B, NH, S, device=dev, dtype=f32)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
     grid = (NC * (L // cfg.block_t), triton.cdiv(DV, BV), BH)
-    _fwd_out_kernel[grid](q, k, v, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, h, den, mt, S, NC, DQK ** -0.5, eps,
+    _fwd_out_kernel[grid](q, k, v, sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, h, den, mt, S, NC, DQK ** -0.5, eps,
                           DQK=DQK, DV=DV, L=L, BT=cfg.block_t, BK=BK, BV=BV, IP=ip, UP=up,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return h, C, n, m, (sb, sa, sseg, sM, Cbuf, nbuf, mbuf, den, mt)
+    return h, C, n, m, (sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, den, mt)
 
 
 def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfig, has_state: bool):
@@ -605,7 +700,7 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     NC = triton.cdiv(S, L)
     dev = q.device
     f32 = torch.float32
-    sb, sa, sseg, sM, Cbuf, nbuf, mbuf, den, mt = saved
+    sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, den, mt = saved
     scale = DQK ** -0.5
     ip = _ip(q.dtype)
     up = _upcast_dots(q.dtype)
@@ -625,7 +720,7 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
     grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
     Epart = torch.empty(grid[0] * grid[1], BH, NC, device=dev, dtype=f32)
-    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart, S, NC, BH, scale,
+    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, sMl, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart, S, NC, BH, scale,
                             DQK=DQK, DV=DV, HAS_DSTATE=has_dstate, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
                             num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
@@ -637,35 +732,41 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     qdq = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdk = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdki = torch.empty(NK, BH, S, device=dev, dtype=f32)
+    kdd = torch.empty(NK, BH, S, device=dev, dtype=f32)
     nt = NC * (L // BT)
     # 16-bit inputs: the in-chunk gradient tiles (dP D for dq, dP^T D^T for dk) go into the tensor-core dots as two
     # 16-bit parts (value + rounding error), one more dot each. q.dq and k.dk, from which the gate gradients are
     # formed, cancel to ~1/sqrt(D) of their terms, so a single rounding cost d_f 1.8e-2 (bf16, DQK=512) and
     # 9e-3 (DQK=128); split: 2.6e-3 and 1.7e-3 (float64 reference, same inputs)
     split = q.dtype != torch.float32
-    _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
+    _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
                                  scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up, SPLIT=split,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, dCbuf, dnbuf, mbuf, dk, kdk, kdki, S, NC, BH,
+    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, sbl, sal, sMl, dCbuf, dnbuf, mbuf, dk, kdk,
+                                 kdki, kdd, S, NC, BH,
                                  scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                  SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, dCbuf, mbuf, dv, S, NC, scale,
+    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, sbl, sal, sMl, dCbuf, mbuf, dv,
+                                                  S, NC, scale,
                                                   DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    di, df = _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L)
+    di, df = _gate_grads(f, qdq, kdk, kdki, kdd, Epart, B, NH, S, NC, L)
     return dq, dk, dv, di, df, dC0, dn0
 
 
-def _gate_grads(f, qdq, kdk, kdki, Epart, B, NH, S, NC, L):
+def _gate_grads(f, qdq, kdk, kdki, kdd, Epart, B, NH, S, NC, L):
     """(d i, d f) from the kernels' per-token dot products (fp32 partials, summed over their first axis)."""
     # gate gradients from the per-token dot products (see the module docstring). Summed inside each chunk, with
     # the pairs that cancel kept apart: for t in chunk c,
     #   d log f_t = sum_{u >= t} (q.dq - k.dk_intra)_u + sum_{j < t} (k.dk_inter)_j + Eg_c
     # where k.dk_inter is the part of k.dk that flows through the chunk's outgoing state and Eg_c the incoming
-    # state's share (algebraically the same as the global reverse cumsum, far less cancellation in bf16)
+    # state's share (algebraically the same as the global reverse cumsum, far less cancellation in bf16).
+    # q.dq and k.dk come without each token's own (diagonal) term, which is in both and cancels exactly: kept in,
+    # it is O(1) and its fp32 rounding swamped d log f wherever the true value is small (strong decay: f ~ -15
+    # gave 0.88 relative error). di = k.dk needs it back: kdd is that term.
     kdk = kdk.sum(0).view(B, NH, S)
     kdki = kdki.sum(0).view(B, NH, S)
-    di = kdk
+    di = kdk + kdd.sum(0).view(B, NH, S)
     pad = NC * L - S
     g = torch.nn.functional.pad((qdq.sum(0).view(B, NH, S) - (kdk - kdki)).double(), (0, pad)).view(B, NH, NC, L)
     x = torch.nn.functional.pad(kdki.double(), (0, pad)).view(B, NH, NC, L)

@@ -46,7 +46,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, C_ptr, n_ptr, m_ptr, h_ptr, 
         tl.store(Co_ptr + ofs, C, mask=cm)
         num += tl.sum(qq[:, None] * C, 0)
     dsum = tl.sum(den, 0)
-    Z = tl.maximum(tl.abs(dsum), tl.exp(-m_new)) + eps
+    Z = tl.maximum(tl.abs(dsum), tl.maximum(tl.exp(-m_new), 1.1754943508222875e-38)) + eps  # see exp_floor
     tl.store(h_ptr + bh * DV + dv, (num / Z).to(h_ptr.dtype.element_ty), mask=mv)
     if pv == 0:
         tl.store(mo_ptr + bh, m_new)
