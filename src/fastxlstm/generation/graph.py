@@ -36,11 +36,12 @@ __all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill"]
 
 # how many captured graphs a model keeps (each holds its own static state of B rows)
 _MAX_GRAPHS = 4
-# torch.compile the captured step by default (FASTXLSTM_COMPILE_DECODE=0 turns it off)
+# torch.compile the captured step when FASTXLSTM_COMPILE_DECODE=1 (or `fastxlstm generate --compile-decode`)
 import os as _os  # noqa: E402
 
 _CAPTURE = True
-_COMPILE = _os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
+def _compile_default() -> bool:
+    return _os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
 
 
 def graph_decoding_available(model) -> bool:
@@ -225,7 +226,7 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
     key = _Key(batch_size, model.dtype, None if sample is None else bool(sample), top_k if sample else None,
                bool(use_top_p and sample),
                None if eos is None else tuple(eos), fill if eos is not None else None, _fingerprint(model),
-               bool(_COMPILE if compile is None else compile))
+               bool(_compile_default() if compile is None else compile))
     dec = cache.get(key)
     if dec is not None:
         cache.move_to_end(key)

@@ -69,7 +69,7 @@ def _encode_prompt(tokenizer, prompt: str) -> List[int]:
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0, temperature: float = 0.8,
                 top_k: Optional[int] = None, top_p: Optional[float] = None,
                 stream: Optional[Callable[[str], None]] = None, stop: Sequence[str] = (),
-                eos_token_id=None, repetition_penalty: float = 1.0) -> str:
+                eos_token_id=None, repetition_penalty: float = 1.0, use_cuda_graph: Optional[bool] = None) -> str:
     """Prompt + a sampled continuation as text; ``stream`` receives each decoded piece as it is produced
     (multi-byte UTF-8 characters are held back until complete).
 
@@ -92,7 +92,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 
 
     for tok in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      seed=seed, eos_token_id=sorted(eos) or None,
-                                     repetition_penalty=repetition_penalty):
+                                     repetition_penalty=repetition_penalty, use_cuda_graph=use_cuda_graph):
         t = int(tok[0])
         if t in eos:
             break
@@ -107,7 +107,8 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int = 0,
                    temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                   stop: Sequence[str] = (), eos_token_id=None, repetition_penalty: float = 1.0) -> List[str]:
+                   stop: Sequence[str] = (), eos_token_id=None, repetition_penalty: float = 1.0,
+                   use_cuda_graph: Optional[bool] = None) -> List[str]:
     """The continuations (without the prompts) of several prompts, generated as one batch: the prompts are
     left padded, the state reset at each row's first real token, so each row continues its own prompt."""
     if isinstance(prompts, str) or not prompts:
@@ -122,7 +123,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     eos = sorted(set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or [])))
     out = model.generate(ids.to(model.device), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seed, attention_mask=mask.to(model.device), eos_token_id=eos or None,
-                         repetition_penalty=repetition_penalty)
+                         repetition_penalty=repetition_penalty, use_cuda_graph=use_cuda_graph)
     texts = []
     for row in out[:, S:].tolist():
         if eos:

@@ -105,5 +105,9 @@ def build_model(config_or_name: Union[str, Any], **overrides):
             config = replace(config, **overrides)
         except TypeError as e:
             raise ValueError(f"bad override for {type(config).__name__}: {e}") from None
-    from .registry import build_from_config
+    from .registry import MODEL_REGISTRY, build_from_config
+    if not isinstance(config, tuple(c for c, _ in MODEL_REGISTRY.values())):
+        raise ValueError(f"build_model needs a preset name or a model config "
+                         f"({', '.join(c.__name__ for c, _ in MODEL_REGISTRY.values())}), got "
+                         f"{type(config).__name__}")
     return build_from_config(config)
