@@ -87,3 +87,14 @@ def test_slstm_explicit_triton_unsupported_head_dim(monkeypatch):
         ops._pick_slstm_backend("triton", _x(1, 1, 24))
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         ops._pick_slstm_backend("triton", _x(1, 1, 16, torch.float64))
+
+
+def test_triton_refuses_eps_zero_and_auto_falls_back(monkeypatch):
+    from fastxlstm.ops import mlstm
+    q, v = _qv(1, 2, 8, 8)
+    i = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="eps=0 is not supported by the Triton"):
+        mlstm(q, q, v, i, i, backend="triton", eps=0.0)
+    monkeypatch.setattr(ops, "triton_available", lambda device=None: True)
+    assert ops._pick_mlstm_backend("auto", q, v, 64, 0.0) == "chunkwise"
+    assert ops._pick_mlstm_backend("auto", q, v, 64, 1e-6) == "triton"
