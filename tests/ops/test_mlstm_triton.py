@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from oracles import require_oracle
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+# this file also runs as a script (the interpreter worker), where conftest has not put tests/ on the path
+sys.path.insert(0, os.path.dirname(HERE))
+from oracles import require_oracle  # noqa: E402
 
 # name -> (B, NH, S, DQK, DV, dtype, with_state, resets, gates, config)
 #   config "small": chunk 32, tiles 16 (several chunks, several tiles per chunk, head dims split into blocks)

@@ -38,16 +38,16 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(corpus, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("ref") / "run")
-    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2)) == 0
+    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, threads=1)) == 0
     return run
 
 
 def test_resume_gives_the_same_curve(corpus, reference_run, tmp_path):
     run = str(tmp_path / "run")
-    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, stop_at=STEPS // 2)) == 3
+    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, threads=1, stop_at=STEPS // 2)) == 3
     assert [s for s, _ in ckpt.list_checkpoints(os.path.join(run, "checkpoints"))] == [STEPS // 2]
     assert not os.path.exists(os.path.join(run, "model"))
-    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, resume=True)) == 0
+    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, threads=1, resume=True)) == 0
     assert _curve(run) == _curve(reference_run)  # bit-identical losses, grad norms, lrs, held-out bpb
     a, b = _final_weights(run), _final_weights(reference_run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -79,7 +79,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(corpus, reference_run, tm
     src = os.path.dirname(os.path.dirname(os.path.abspath(fastxlstm.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHILD,
-                           json.dumps(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2)), sig,
+                           json.dumps(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, threads=1)), sig,
                            str(torch.get_num_threads())],
                           env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -87,7 +87,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(corpus, reference_run, tm
     assert summary["stopped"] == "interrupted" and summary["steps"] == 2
     assert summary["handler_restored"]  # the handler is put back
     assert [s for s, _ in ckpt.list_checkpoints(os.path.join(run, "checkpoints"))] == [2]
-    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, resume=True)) == 0
+    assert main(fast_args(corpus, run, steps=STEPS, eval_every=2, grad_accum=2, threads=1, resume=True)) == 0
     assert _curve(run) == _curve(reference_run)
 
 
