@@ -97,25 +97,29 @@ def _call(model, ids, state=None, resets=None, checked=True):
     input checks: a token chosen from the model's own logits is valid by construction (the prompt was checked once
     at the entry point)."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.no_grad():
             if not checked:
                 return model._forward(ids, state, resets, True)
             return model(ids, state=state, resets=resets)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 def _prefill(model, ids, resets):
     """The prompt in inference mode, in chunks (flat memory); logits of the last position only."""
     from .graph import prefill
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         return prefill(model, ids, resets)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 def _use_graph(model, use_cuda_graph) -> bool:

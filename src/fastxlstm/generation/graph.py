@@ -152,7 +152,8 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             with torch.no_grad():
                 # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), then capture
@@ -169,7 +170,8 @@ class GraphDecoder:
                     with torch.cuda.graph(self.graph):
                         self._body()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train(True)
 
     def load(self, state: XLSTMState, first: torch.Tensor, temperature: float = 1.0, top_p=None,
              finished: Optional[torch.Tensor] = None) -> None:
@@ -201,12 +203,14 @@ class GraphDecoder:
             self.graph.replay()
         else:
             was_training = self.model.training
-            self.model.eval()
+            if was_training:
+                self.model.eval()
             try:
                 with torch.no_grad():
                     self._body()
             finally:
-                self.model.train(was_training)
+                if was_training:
+                    self.model.train(True)
         return self.tok
 
     def read_state(self) -> XLSTMState:
@@ -267,12 +271,14 @@ def graph_stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, 
     steps of fill tokens may follow the point where every row had finished: ``generate`` trims them.
     """
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.no_grad():
             logits, state = prefill(model, ids, resets)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
     if max_new_tokens == 0:
         if final is not None:
             final.append(state)
