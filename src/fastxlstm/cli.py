@@ -366,14 +366,6 @@ def _load_model(path: str, device, dtype_name: Optional[str], tokenizer_path: Op
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    if ns.max_new_tokens < 0:
-        raise UsageError("--max-new-tokens must be >= 0")
-    if ns.temperature < 0 or not math.isfinite(ns.temperature):
-        raise UsageError("--temperature must be >= 0")
-    if ns.top_k is not None and ns.top_k < 1:
-        raise UsageError("--top-k must be >= 1")
-    if ns.top_p is not None and not 0 < ns.top_p <= 1:
-        raise UsageError("--top-p must be in (0, 1]")
     _check_sampling_args(ns)
     prompts = None
     if ns.prompts_file is not None:
