@@ -37,15 +37,41 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def auto_threads() -> int:
-    """A thread count that degrades gracefully on a shared CPU: the allowed cores minus those already busy
-    (1-minute load average), at least 1. On an idle machine: every allowed core."""
-    cores = available_cores()
+def _busy_cores_now(window_s: float = 0.25) -> Optional[float]:
+    """Cores kept busy by other processes right now: the machine's CPU use over ``window_s`` seconds (Linux
+    /proc/stat), or None where that cannot be read. Unlike the load average it does not remember the last minute
+    (a pip install just before a run would otherwise cost it its second core for the whole run)."""
+    import time
+
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
     try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """A thread count that degrades gracefully on a shared CPU: the allowed cores minus those other processes keep
+    busy right now (measured over a quarter of a second; the 1-minute load average where /proc/stat is missing),
+    at least 1. On an idle machine: every allowed core."""
+    cores = available_cores()
+    busy = _busy_cores_now()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
 
 
 def configure_cpu(threads: Optional[int] = None) -> int:

@@ -41,6 +41,18 @@ def test_inference_commands_do_not_import_training(tmp_path, command):
 def test_auto_threads_leave_busy_cores_alone(monkeypatch):
     from fastxlstm import runtime
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    # the busy cores measured now (/proc/stat) come first
+    for busy, want in ((0.05, 4), (1.02, 3), (2.7, 1), (7.9, 1)):
+        monkeypatch.setattr(runtime, "_busy_cores_now", lambda busy=busy: busy)
+        assert runtime.auto_threads() == want
+    # where /proc/stat cannot be read: the 1-minute load average
+    monkeypatch.setattr(runtime, "_busy_cores_now", lambda: None)
     for load, want in ((0.0, 4), (1.2, 3), (2.6, 1), (40.0, 1)):
         monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, load, load))
         assert runtime.auto_threads() == want
+
+
+def test_busy_cores_now_reads_the_machine():
+    from fastxlstm import runtime
+    busy = runtime._busy_cores_now(0.05)
+    assert busy is None or 0.0 <= busy <= (runtime.os.cpu_count() or 1) + 1e-6
