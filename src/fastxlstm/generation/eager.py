@@ -21,6 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._modes import inference
 from .sampling import _check_int, _check_sampling, check_repetition_penalty, sample_next_token
 
 __all__ = ["generate", "generate_stream", "prepare_prompt"]
@@ -92,34 +93,19 @@ def prepare_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 
 def _call(model, ids, state=None, resets=None, checked=True):
-    """One forward in inference mode. Eval mode and no-grad are set per call (not around the whole stream) so
-    that the caller's code between two yielded tokens runs with its own settings. ``checked=False`` skips the
-    input checks: a token chosen from the model's own logits is valid by construction (the prompt was checked once
-    at the entry point)."""
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        with torch.no_grad():
-            if not checked:
-                return model._forward(ids, state, resets, True)
-            return model(ids, state=state, resets=resets)
-    finally:
-        if was_training:
-            model.train(True)
+    """One forward in inference mode (see ``_modes.inference``). ``checked=False`` skips the input checks: a token
+    chosen from the model's own logits is valid by construction (the prompt was checked once at the entry point)."""
+    with inference(model):
+        if not checked:
+            return model._forward(ids, state, resets, True)
+        return model(ids, state=state, resets=resets)
 
 
 def _prefill(model, ids, resets):
     """The prompt in inference mode, in chunks (flat memory); logits of the last position only."""
     from .graph import prefill
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
+    with inference(model):
         return prefill(model, ids, resets)
-    finally:
-        if was_training:
-            model.train(True)
 
 
 def _use_graph(model, use_cuda_graph) -> bool:
@@ -133,8 +119,9 @@ def _use_graph(model, use_cuda_graph) -> bool:
     return available if use_cuda_graph is None else use_cuda_graph
 
 
-def _pick_stream(model, use_cuda_graph, sync_every, *args, penalty=(1.0, None)):
-    if _use_graph(model, use_cuda_graph):
+def _pick_stream(model, use_graph: bool, sync_every, *args, penalty=(1.0, None)):
+    """The token stream of the path chosen by the caller (``_use_graph`` / ``_graph_with_penalty``)."""
+    if use_graph:
         from .graph import graph_stream
         return graph_stream(model, *args, sync_every=sync_every)
     return _stream(model, *args, penalty=penalty)

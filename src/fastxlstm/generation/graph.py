@@ -23,6 +23,7 @@ identical in float32; see tests/gpu/test_generation_graph_gpu.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -30,18 +31,20 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from ..layers.state import XLSTMState
-from .sampling import pick_with_uniform
+from ._modes import inference
+from .sampling import pick_with_uniform, sample_next_token
 
 __all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill"]
 
 # how many captured graphs a model keeps (each holds its own static state of B rows)
 _MAX_GRAPHS = 4
-# torch.compile the captured step when FASTXLSTM_COMPILE_DECODE=1 (or `fastxlstm generate --compile-decode`)
-import os as _os  # noqa: E402
-
+# False only in the CPU tests, which run the captured body eagerly to check the logic around it
 _CAPTURE = True
+
+
 def _compile_default() -> bool:
-    return _os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
+    """torch.compile the captured step when FASTXLSTM_COMPILE_DECODE=1 (`fastxlstm generate --compile-decode`)."""
+    return os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
 
 
 def graph_decoding_available(model) -> bool:
@@ -151,27 +154,20 @@ class GraphDecoder:
         _copy_state_(self.state, out.state)
 
     def _capture(self) -> None:
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
-        try:
-            with torch.no_grad():
-                # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), then capture
-                from ._gemv import gemv_enabled, skinny_linears
-                gemv = skinny_linears(self.model) if (self.key.batch_size == 1 and gemv_enabled()) \
-                    else contextlib.nullcontext()
-                with gemv:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            self._body()
-                    torch.cuda.current_stream().wait_stream(side)
-                    with torch.cuda.graph(self.graph):
+        with inference(self.model):
+            # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), then capture
+            from ._gemv import gemv_enabled, skinny_linears
+            gemv = skinny_linears(self.model) if (self.key.batch_size == 1 and gemv_enabled()) \
+                else contextlib.nullcontext()
+            with gemv:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
                         self._body()
-        finally:
-            if was_training:
-                self.model.train(True)
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(self.graph):
+                    self._body()
 
     def load(self, state: XLSTMState, first: torch.Tensor, temperature: float = 1.0, top_p=None,
              finished: Optional[torch.Tensor] = None) -> None:
@@ -202,15 +198,8 @@ class GraphDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            was_training = self.model.training
-            if was_training:
-                self.model.eval()
-            try:
-                with torch.no_grad():
-                    self._body()
-            finally:
-                if was_training:
-                    self.model.train(True)
+            with inference(self.model):
+                self._body()
         return self.tok
 
     def read_state(self) -> XLSTMState:
@@ -270,21 +259,13 @@ def graph_stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, 
     exactly as the eager loop; larger values let the host run ahead of the GPU, and then up to ``sync_every - 1``
     steps of fill tokens may follow the point where every row had finished: ``generate`` trims them.
     """
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        with torch.no_grad():
-            logits, state = prefill(model, ids, resets)
-    finally:
-        if was_training:
-            model.train(True)
+    with inference(model):
+        logits, state = prefill(model, ids, resets)
     if max_new_tokens == 0:
         if final is not None:
             final.append(state)
         return
     B = ids.shape[0]
-    from .sampling import sample_next_token
     tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
