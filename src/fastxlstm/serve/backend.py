@@ -50,22 +50,21 @@ class EagerBackend(DecodeBackend):
 
     @torch.no_grad()
     def prefill(self, ids, state=None):
-        out = self.model(ids, state=state)
+        # logits of the last position only: a prefill chunk needs no more
+        out = self.model(ids, state=state, logits_to_keep=1)
         return out.logits[:, -1], out.state
 
     @torch.no_grad()
     def step(self, tokens, state):
-        out = self.model(tokens, state=state)
+        # the tokens were chosen from the model's own logits: valid by construction, so no per-step input checks
+        out = self.model._forward(tokens, state, None, True)
         return out.logits[:, 0], out.state
 
 
 def graph_backend_available(model) -> bool:
     """True when the CUDA-graph decoder (``fastxlstm.generation.graph``, logits mode) exists and can run
     ``model`` (CUDA parameters, not float64)."""
-    try:
-        from ..generation import graph
-    except ImportError:
-        return False
+    from ..generation import graph
     return bool(graph.graph_decoding_available(model))
 
 
@@ -79,7 +78,6 @@ class GraphBackend(DecodeBackend):
     """
 
     def __init__(self, model: torch.nn.Module, max_batch: int):
-        from ..generation import graph  # noqa: F401  (ImportError when the graph decoder is not there)
         self.eager = EagerBackend(model)
         self.model = self.eager.model
         self.device = self.eager.device
