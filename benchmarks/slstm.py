@@ -255,14 +255,17 @@ def _fmt(v):
 
 
 def table(data) -> str:
-    rows = ["| shape (S=%d) | ours cell fw | ours cell fwbw | ours layer fw | ours layer fwbw | official layer fw | "
-            "official layer fwbw | eager cell fw (S=%d) | eager cell fwbw (S=%d) |" % (data["S"], EAGER_S, EAGER_S),
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| shape (S=%d) | ours cell fw | ours cell fwbw | one program per head fw / fwbw | ours layer fw | "
+            "ours layer fwbw | official layer fw | official layer fwbw | eager cell fw (S=%d) | eager cell fwbw (S=%d) |"
+            % (data["S"], EAGER_S, EAGER_S),
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
         off = r.get("official", {})
         offfw = off.get("fw", "failed" if "error" in off else "-")
         offbw = off.get("fwbw", "failed" if "error" in off else "-")
-        rows.append(f"| {name} | {_fmt(r['cell']['fw'])} | {_fmt(r['cell']['fwbw'])} | {_fmt(r['layer']['fw'])} | "
+        one = r.get("cell_one_program_per_head")
+        one = f"{_fmt(one['fw'])} / {_fmt(one['fwbw'])}" if one else "(same)"
+        rows.append(f"| {name} | {_fmt(r['cell']['fw'])} | {_fmt(r['cell']['fwbw'])} | {one} | {_fmt(r['layer']['fw'])} | "
                     f"{_fmt(r['layer']['fwbw'])} | {_fmt(offfw)} | {_fmt(offbw)} | "
                     f"{_fmt(r.get('eager', {}).get('fw', '-'))} | {_fmt(r.get('eager', {}).get('fwbw', '-'))} |")
     return "\n".join(rows)
@@ -273,14 +276,15 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(data["results"])
-    series = [("ours cell", lambda r: r["cell"]), ("ours layer", lambda r: r["layer"]),
-              ("official layer (CUDA)", lambda r: r.get("official", {}))]
+    series = [("ours cell", lambda r: r["cell"]),
+              ("ours cell, one program per head", lambda r: r.get("cell_one_program_per_head", r["cell"])),
+              ("ours layer", lambda r: r["layer"]), ("official layer (CUDA)", lambda r: r.get("official", {}))]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, mode in zip(axes, ("fw", "fwbw")):
         w = 0.8 / len(series)
         for k, (label, get) in enumerate(series):
             vals = [get(data["results"][n]).get(mode) for n in names]
-            xs = [i + (k - 1) * w for i in range(len(names))]
+            xs = [i + (k - (len(series) - 1) / 2) * w for i in range(len(names))]
             ax.bar(xs, [v if isinstance(v, (int, float)) else 0 for v in vals], w, label=label)
             for xx, v in zip(xs, vals):
                 if not isinstance(v, (int, float)):
@@ -334,6 +338,9 @@ def main():
         B, NH, DH = SHAPES[name]
         r = {"B": B, "NH": NH, "DH": DH}
         r["cell"] = time_cell(B, S, NH, DH, "triton", dtype)
+        if DH >= 128:  # the design before the split kernels, in the same run
+            from fastxlstm.ops.slstm_forms.triton._kernels import TILED_LARGE_HEAD
+            r["cell_one_program_per_head"] = time_cell(B, S, NH, DH, "triton", dtype, cfg=TILED_LARGE_HEAD)
         r["layer"] = time_layer(B, S, NH, DH, "triton", dtype)
         r["eager"] = dict(time_cell(B, EAGER_S, NH, DH, "recurrent", dtype), S=EAGER_S)
         print(name, json.dumps(r), flush=True)
@@ -343,8 +350,10 @@ def main():
         name = shapes[0]
         B, NH, DH = SHAPES[name]
         sweep = {"shape": name, "default": repr(default_config(DH, dtype)), "runs": []}
-        cands = [SLSTMTritonConfig(block_j=bj, block_k=bk, num_warps=nw)
-                 for bj in (32, 64, 128, 256) for bk in (32, 64) for nw in (4, 8, 16) if bj <= DH and bk <= DH]
+        cands = [SLSTMTritonConfig(block_b=bb, split=p, num_warps=nw)
+                 for p in (2, 4, 8, 16) for bb in (16, 32) for nw in (4, 8) if 16 <= DH // p]
+        cands += [SLSTMTritonConfig(block_j=bj, block_k=bk, num_warps=8)
+                  for bj in (64, 128) for bk in (32, 64) if bj <= DH and bk <= DH]
         if DH <= 64:
             cands += [SLSTMTritonConfig(block_j=DH, block_k=DH, num_warps=nw, hoist=True) for nw in (4, 8)]
         for cfg in cands:

@@ -154,3 +154,42 @@ def test_model_with_slstm_blocks_triton_vs_pytorch():
     assert rel_err(lt, lr) < 1e-5
     worst = max(rel_err(gt[k], gr[k]) for k in gr)
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("cfg_name", ["split8_B300", "split4_DH128", "split16", "stepwise_fallback"])
+def test_split_kernels_barrier_vs_stepwise_and_reference(cfg_name):
+    """The split kernels with their in-kernel group barrier equal the same kernels launched once per step (no
+    barrier: the arithmetic the CPU interpreter tests check) bit for bit, and the float64 reference within
+    tolerance; B = 300 (19 batch tiles: fewer batch programs than tiles, each looping over several), many heads
+    (more programs than SMs: the stepwise fallback), gradients included."""
+    from fastxlstm.ops.slstm_forms.triton import slstm_triton
+    from fastxlstm.ops.slstm_forms.triton._kernels import SLSTMTritonConfig, _split_grid
+    B, S, NH, DH, P = {"split8_B300": (300, 67, 4, 256, 8), "split4_DH128": (16, 131, 8, 128, 4),
+                       "split16": (5, 64, 4, 256, 16), "stepwise_fallback": (3, 29, 72, 64, 2)}[cfg_name]
+    cfg = SLSTMTritonConfig(split=P)
+    _, GB, sync = _split_grid(B, S, NH, cfg, torch.device("cuda"))
+    assert sync == (cfg_name != "stepwise_fallback")
+    if cfg_name == "split8_B300":
+        assert GB < (B + 15) // 16
+    case = _case(B, S, NH, DH, True, True, seed=11)
+    case.tensors["x"] = case.tensors["x"].to(torch.bfloat16).double()
+    resets = _resets(B, S)
+    t = {k: v.cuda() for k, v in case.tensors.items()}
+    outs = {}
+    for mode, c in (("barrier", cfg), ("stepwise", SLSTMTritonConfig(split=P, stepwise=True))):
+        L = {k: v.detach().clone().to(torch.bfloat16 if k == "x" else torch.float32).requires_grad_(k != "m0")
+             for k, v in t.items()}
+        h, (c_, n_, m_, hl) = slstm_triton(L["x"], L["R"], L["b"], (L["c0"], L["n0"], L["m0"], L["h0"]), resets, c)
+        go = {k: v.cuda() for k, v in case.grads_out.items()}
+        loss = (h.double() * go["h"]).sum() + (c_.double() * go["c"]).sum() + (hl.double() * go["h_last"]).sum()
+        names = ["x", "R", "b", "c0", "n0", "h0"]
+        grads = torch.autograd.grad(loss, [L[k] for k in names])
+        outs[mode] = [h, c_, n_, m_, hl] + list(grads)
+    for a, b in zip(outs["barrier"], outs["stepwise"]):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+    if cfg_name != "stepwise_fallback":  # (the reference at 72 heads is slow; the fallback is the same kernel)
+        ref = _run(case, "reference", torch.float64, torch.float64, resets, True)
+        got = _run(case, "triton", torch.bfloat16, torch.float32, resets, True)
+        errs = {k: rel_err(got[k], ref[k]) for k in ref}
+        assert all(v < TOL[torch.bfloat16] for v in errs.values()), errs

@@ -19,8 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (B, S, NH, DH, dtype, with_state, resets, gates, tiling)
 #   B = 3 is not a multiple of the batch tile (16): rows are masked
-#   tiling "default": the launcher's choice (one tile, R held in registers at these sizes);
-#   "j16k16" / "j16k32": several output tiles and reduction chunks per step (the path of DH >= 128 on the GPU)
+#   tiling "default": the launcher's choice (up to DH 64: one tile, R held in registers; DH 128: split kernels);
+#   "j16k16" / "j16k32" / "tiled_large": several output tiles and reduction chunks per step in one program per
+#   head; "split*": a head's units over several programs (in the interpreter: one launch per step, no barrier)
 CASES = {
     "fp32_fresh_S7_DH16": (3, 7, 2, 16, "float32", False, None, "normal", "default"),
     "fp32_state_resets_S19_DH32": (3, 19, 2, 32, "float32", True, "mixed", "normal", "default"),
@@ -31,8 +32,18 @@ CASES = {
     "bf16_extreme_fresh_resets_S7_DH16": (3, 7, 2, 16, "bfloat16", False, "mixed", "extreme", "default"),
     "fp16_state_S7_DH32": (3, 7, 2, 32, "float16", True, None, "normal", "default"),
     "fp32_step_S1_DH32_state": (3, 1, 2, 32, "float32", True, None, "normal", "default"),
-    # the GPU default tiling of large heads (tiles of 64 units, chunks of 64: 2 x 2 per step)
-    "bf16_default_tiling_S6_DH128": (3, 6, 1, 128, "bfloat16", True, "mixed", "normal", "default"),
+    # the one-program-per-head tiling of large heads (tiles of 64 units, chunks of 64: 2 x 2 per step)
+    "bf16_tiled_j64k64_S6_DH128": (3, 6, 1, 128, "bfloat16", True, "mixed", "normal", "tiled_large"),
+    # the default of large heads: the split kernels (4 programs of 32 units at DH 128)
+    "bf16_default_S5_DH128": (3, 5, 1, 128, "bfloat16", True, "mixed", "normal", "default"),
+    # the split kernels (a head's units over 2 / 4 programs, R's slice held on chip; here one launch per step)
+    "fp32_state_resets_S19_DH32_split2": (3, 19, 2, 32, "float32", True, "mixed", "normal", "split2"),
+    "bf16_extreme_state_resets_S11_DH64_split4": (3, 11, 2, 64, "bfloat16", True, "mixed", "extreme", "split4"),
+    "fp16_fresh_S7_DH32_split2": (3, 7, 1, 32, "float16", False, None, "normal", "split2"),
+    # 35 rows = 3 batch tiles taken by ONE program per (head, unit slice): the loop over batch tiles
+    "fp32_B35_state_resets_S9_DH32_split2_onebatchprogram": (35, 9, 2, 32, "float32", True, "mixed", "normal",
+                                                             "split2_gb1"),
+    "fp32_step_S1_DH32_state_split2": (3, 1, 2, 32, "float32", True, None, "normal", "split2"),
 }
 # a few times the worst measured error of each dtype (Triton 3.9 interpreter: fp32 7.3e-7 (d_x, extreme gates),
 # bf16 3.3e-3 (d_R), fp16 5.2e-4 (d_h0))
@@ -76,10 +87,13 @@ def _worker() -> dict:
     from helpers import make_slstm_case, rel_err
     from fastxlstm.ops.slstm_forms.reference import slstm_reference
     from fastxlstm.ops.slstm_forms.triton import slstm_triton
-    from fastxlstm.ops.slstm_forms.triton._kernels import SLSTMTritonConfig
+    from fastxlstm.ops.slstm_forms.triton._kernels import TILED_LARGE_HEAD, SLSTMTritonConfig
 
     tilings = {"default": None, "j16k16": SLSTMTritonConfig(block_j=16, block_k=16),
-               "j16k32": SLSTMTritonConfig(block_j=16, block_k=32)}
+               "j16k32": SLSTMTritonConfig(block_j=16, block_k=32),
+               "split2": SLSTMTritonConfig(split=2), "split4": SLSTMTritonConfig(split=4),
+               "split2_gb1": SLSTMTritonConfig(split=2, batch_programs=1),
+               "tiled_large": TILED_LARGE_HEAD}
     results = {}
     for idx, (name, (B, S, NH, DH, dt, with_state, rk, gates, tiling)) in enumerate(CASES.items()):
         dtype = getattr(torch, dt)
@@ -199,7 +213,7 @@ def _aot_worker() -> None:
         print("compiled", fn.__name__, cons, flush=True)
 
     for DH, dt, tdt in ((256, "bf16", torch.bfloat16), (64, "bf16", torch.bfloat16), (32, "fp32", torch.float32)):
-        cfg = K.default_config(DH, tdt)
+        cfg = K.default_config(DH, tdt) if DH <= 64 else K.TILED_LARGE_HEAD
         fsig = dict(x_ptr="*" + dt, R_ptr="*" + dt, b_ptr="*fp32", rst_ptr="*u8", st_ptr="*fp32", h_ptr="*" + dt,
                     g_ptr="*fp32", B="i32", S="i32", NS="i32", NH="i32")
         bsig = dict(g_ptr="*fp32", st_ptr="*fp32", rst_ptr="*u8", RT_ptr="*" + dt, dh_ptr="*" + dt, dg_ptr="*fp32",
@@ -212,6 +226,23 @@ def _aot_worker() -> None:
             bsig[k] = "constexpr"
         comp(K._fwd_kernel, fsig, dict(common, SAVE_G=True, HOIST=cfg.hoist), cfg.num_warps)
         comp(K._bwd_kernel, bsig, dict(common, HAS_DH=True), cfg.num_warps)
+    # the split kernels with their in-kernel group barrier (atomics + spin loop), as the launchers configure them
+    for DH, dt, tdt, P in ((256, "bf16", torch.bfloat16, 8), (128, "bf16", torch.bfloat16, 4),
+                           (64, "fp32", torch.float32, 2)):
+        cfg = K.SLSTMTritonConfig(split=P)
+        fsig = dict(x_ptr="*" + dt, R_ptr="*" + dt, b_ptr="*fp32", rst_ptr="*u8", st_ptr="*fp32", h_ptr="*" + dt,
+                    g_ptr="*fp32", cnt_ptr="*i32", B="i32", S="i32", NS="i32", NH="i32", NBT="i32", T0="i32",
+                    T1="i32")
+        bsig = dict(g_ptr="*fp32", st_ptr="*fp32", rst_ptr="*u8", RT_ptr="*" + dt, dh_ptr="*" + dt, dg_ptr="*fp32",
+                    cr_ptr="*fp32", cnt_ptr="*i32", B="i32", S="i32", NH="i32", NBT="i32", T0="i32", T1="i32")
+        common = dict(DH=DH, BB=cfg.block_b, BJ=DH // P, HAS_RESET=True, SYNC=True, LIMIT=K._SPIN_LIMIT,
+                      IP="ieee", UP=False)
+        for k in list(common) + ["SAVE_G"]:
+            fsig[k] = "constexpr"
+        for k in list(common) + ["HAS_DH", "PHASES"]:
+            bsig[k] = "constexpr"
+        comp(K._fwd_split_kernel, fsig, dict(common, SAVE_G=True), cfg.num_warps)
+        comp(K._bwd_split_kernel, bsig, dict(common, HAS_DH=True, PHASES=3), cfg.num_warps)
     print("AOT OK")
 
 

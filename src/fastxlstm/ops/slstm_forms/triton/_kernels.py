@@ -41,8 +41,18 @@ class SLSTMTritonConfig:
     block_k: int = 64    # reduction chunk of the recurrent dots
     num_warps: int = 4
     hoist: bool = False  # keep R (all four gates of the head) in registers across steps (one tile only)
+    split: int = 1       # > 1: the head's units split over this many programs (the "split" kernels, see below)
+    stepwise: bool = False  # split kernels: one launch per step instead of the in-kernel group barrier
+    batch_programs: int = 0  # split kernels: at most this many programs along the batch tiles (0: as many as fit)
 
     def check(self, DH: int) -> None:
+        if self.split != 1:
+            if self.split < 1 or self.split & (self.split - 1) or DH // self.split < 16 or DH % self.split:
+                raise ValueError(f"SLSTMTritonConfig.split must be a power of two with head dim / split >= 16, "
+                                 f"got split={self.split} for head dim {DH}")
+            if self.block_b < 16 or self.block_b & (self.block_b - 1):
+                raise ValueError(f"SLSTMTritonConfig.block_b must be a power of two >= 16, got {self.block_b}")
+            return
         for name in ("block_b", "block_j", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -56,15 +66,19 @@ class SLSTMTritonConfig:
 
 @functools.lru_cache(maxsize=None)
 def default_config(DH: int, dtype: torch.dtype) -> SLSTMTritonConfig:
-    """BB 16 (the most programs for a given batch); one tile of all units up to DH 64, with R held in registers
-    when its four DH x DH gate blocks take at most 32 KB; tiles of 64 units and reduction chunks of 64 above. Eight
-    warps from DH 64: no spills in the sm_90 builds (Triton 3.9 AOT + cuobjdump: 128-176 registers; four warps
-    spill at DH 256; benchmarks/NOTES.md)."""
+    """Up to DH 64: one program per (16 batch rows, head), BB 16 (the most programs for a given batch), one tile of
+    all units, with R held in registers when its four DH x DH gate blocks take at most 32 KB; eight warps at DH 64
+    (no spills in the sm_90 builds: Triton 3.9 AOT + cuobjdump: 128-176 registers). From DH 128: the split kernels,
+    32 units per program (4 programs per head at DH 128, 8 at DH 256), R's slice on chip (benchmarks/NOTES.md)."""
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     if DH <= 64:
         hoist = 4 * DH * DH * elt <= 32 * 1024
         return SLSTMTritonConfig(block_b=16, block_j=DH, block_k=DH, num_warps=8 if DH == 64 else 4, hoist=hoist)
-    return SLSTMTritonConfig(block_b=16, block_j=64, block_k=64, num_warps=8, hoist=False)
+    return SLSTMTritonConfig(block_b=16, split=DH // 32, num_warps=4)
+
+
+#: the persistent one-program-per-head tiling that was the default of DH >= 128 before the split kernels
+TILED_LARGE_HEAD = SLSTMTritonConfig(block_b=16, block_j=64, block_k=64, num_warps=8, hoist=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -300,6 +314,208 @@ def _bwd_kernel(g_ptr, st_ptr, rst_ptr, RT_ptr, dh_ptr, dg_ptr, cr_ptr, B, S, NH
 
 
 # ------------------------------------------------------------------------------------------------------------
+# split kernels: a head's units over P programs, R's slice held on chip, a group barrier per step
+# ------------------------------------------------------------------------------------------------------------
+#
+# Grid (GB, NH, P). Program (pb, hd, pj) owns the BJ = DH / P units pj * BJ + [0, BJ) of head hd, for the batch
+# tiles pb, pb + GB, ... (GB <= the number of batch tiles: the grid is kept within the number of SMs so that all
+# programs are resident at once). It loads its slice of R (four DH x BJ blocks; DH x BJ of each R_g^T in the
+# backward) once and keeps it for the whole sequence, so only h_{t-1} (BB x DH) moves per step.
+#
+# The P programs of a (pb, hd) group exchange h_{t-1} (forward) or dG_t (backward) through global memory, and
+# synchronise once per step on a counter: CTA barrier, one acq_rel atomic add (release: this CTA's stores are
+# visible before the count), spin on acquire loads of the counter until all P arrived, CTA barrier. The counter
+# only grows (P per step) so it is never reset within a launch. A spin that runs out of patience (a program that
+# can never arrive: not all resident) poisons the state with NaN instead of hanging or returning a wrong number.
+# With SYNC = False the kernel does the steps [T0, T1) without any barrier: the launcher then runs one launch per
+# step (and in the backward one per phase): the CPU interpreter, which runs programs one after another and could
+# never pass a barrier, runs the same arithmetic this way, and so can a GPU (cfg.stepwise), for comparison.
+
+@triton.jit
+def _group_barrier(cnt_ptr, target, LIMIT: tl.constexpr):
+    """All programs of the group have arrived (target = P x steps so far) when this returns. Returns True if the
+    wait gave up after LIMIT polls."""
+    tl.debug_barrier()
+    cur = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    polls = 0
+    while (cur < target) & (polls < LIMIT):
+        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        polls += 1
+    tl.debug_barrier()
+    return cur < target
+
+
+@triton.jit
+def _fwd_split_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, cnt_ptr, B, S, NS, NH, NBT, T0, T1,
+                      DH: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, HAS_RESET: tl.constexpr,
+                      SAVE_G: tl.constexpr, SYNC: tl.constexpr, LIMIT: tl.constexpr, IP: tl.constexpr,
+                      UP: tl.constexpr):
+    pb = tl.program_id(0)
+    hd = tl.program_id(1)
+    pj = tl.program_id(2)
+    GB = tl.num_programs(0)
+    P = tl.num_programs(2)
+    DT: tl.constexpr = R_ptr.dtype.element_ty
+    plane = B * NH * DH
+    GS = NH * DH
+    RG = NH * DH * DH
+    cols = pj * BJ + tl.arange(0, BJ)
+    kk = tl.arange(0, DH)
+    Rh = R_ptr + hd * DH * DH
+    roff = kk[:, None] * DH + cols[None, :]  # R[g, hd][:, cols]: DH x BJ
+    r_i = tl.load(Rh + roff)
+    r_f = tl.load(Rh + RG + roff)
+    r_z = tl.load(Rh + 2 * RG + roff)
+    r_o = tl.load(Rh + 3 * RG + roff)
+    bo = hd * DH + cols
+    b_i = tl.load(b_ptr + bo)[None, :]
+    b_f = tl.load(b_ptr + GS + bo)[None, :]
+    b_z = tl.load(b_ptr + 2 * GS + bo)[None, :]
+    b_o = tl.load(b_ptr + 3 * GS + bo)[None, :]
+    cp = cnt_ptr + pb * NH + hd
+    poison = tl.full([], 0.0, tl.float32)
+    for t in range(T0, T1):
+        src = st_ptr + tl.cast(t % NS, tl.int64) * 4 * plane
+        dst = st_ptr + tl.cast((t + 1) % NS, tl.int64) * 4 * plane
+        for bt in range(pb, NBT, GB):
+            rows = (bt * BB + tl.arange(0, BB)).to(tl.int64)
+            rmask = rows < B
+            rm2 = rmask[:, None]
+            srow = (rows * NH + hd) * DH
+            so = srow[:, None] + cols[None, :]
+            xo = ((rows * S + t) * 4 * GS + hd * DH)[:, None] + cols[None, :]
+            pi = tl.load(x_ptr + xo, mask=rm2, other=0.0).to(tl.float32) + b_i
+            pf = tl.load(x_ptr + xo + GS, mask=rm2, other=0.0).to(tl.float32) + b_f
+            pz = tl.load(x_ptr + xo + 2 * GS, mask=rm2, other=0.0).to(tl.float32) + b_z
+            po = tl.load(x_ptr + xo + 3 * GS, mask=rm2, other=0.0).to(tl.float32) + b_o
+            c_prev = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg") + poison
+            n_prev = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            hk = tl.load(src + 3 * plane + srow[:, None] + kk[None, :], mask=rm2, other=0.0, cache_modifier=".cg")
+            if HAS_RESET:
+                keep = (tl.load(rst_ptr + rows * S + t, mask=rmask, other=0) == 0)[:, None]
+                c_prev = tl.where(keep, c_prev, 0.0)
+                n_prev = tl.where(keep, n_prev, 0.0)
+                hk = tl.where(keep, hk, 0.0)
+            hk = _r16(hk, DT, UP)
+            pi += _dot(hk, r_i, IP, UP)
+            pf += _dot(hk, r_f, IP, UP)
+            pz += _dot(hk, r_z, IP, UP)
+            po += _dot(hk, r_o, IP, UP)
+            if SAVE_G:
+                tl.store(g_ptr + xo, pi, mask=rm2)
+                tl.store(g_ptr + xo + GS, pf, mask=rm2)
+                tl.store(g_ptr + xo + 2 * GS, pz, mask=rm2)
+                tl.store(g_ptr + xo + 3 * GS, po, mask=rm2)
+            lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
+            h = og * c / tl.where(n > 0.0, n, 1.0)
+            tl.store(dst + so, c, mask=rm2)
+            tl.store(dst + plane + so, n, mask=rm2)
+            tl.store(dst + 2 * plane + so, m, mask=rm2)
+            tl.store(dst + 3 * plane + so, h, mask=rm2)
+            ho = (rows[:, None] * S + t) * GS + hd * DH + cols[None, :]
+            tl.store(h_ptr + ho, _r16(h, h_ptr.dtype.element_ty, UP), mask=rm2)
+        if SYNC:
+            poison = tl.where(_group_barrier(cp, (t - T0 + 1) * P, LIMIT), float("nan"), poison)
+
+
+@triton.jit
+def _bwd_split_kernel(g_ptr, st_ptr, rst_ptr, RT_ptr, dh_ptr, dg_ptr, cr_ptr, cnt_ptr, B, S, NH, NBT, T0, T1,
+                      DH: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, HAS_RESET: tl.constexpr,
+                      HAS_DH: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr, LIMIT: tl.constexpr,
+                      IP: tl.constexpr, UP: tl.constexpr):
+    """Steps t = S - 1 - T0 down to S - T1. PHASES: 3 both phases with the group barrier between them (SYNC), 1
+    or 2 only that phase (the stepwise launches). cr as in _bwd_kernel (dc, dn, and the dh ring: each program
+    reads and writes only its own units there)."""
+    pb = tl.program_id(0)
+    hd = tl.program_id(1)
+    pj = tl.program_id(2)
+    GB = tl.num_programs(0)
+    P = tl.num_programs(2)
+    DT: tl.constexpr = RT_ptr.dtype.element_ty
+    plane = B * NH * DH
+    GS = NH * DH
+    RG = NH * DH * DH
+    cols = pj * BJ + tl.arange(0, BJ)
+    kk = tl.arange(0, DH)
+    if PHASES != 1:
+        RTh = RT_ptr + hd * DH * DH
+        roff = kk[:, None] * DH + cols[None, :]  # R_g^T[:, cols] = R_g[cols, :]^T: DH x BJ
+        rt_i = tl.load(RTh + roff)
+        rt_f = tl.load(RTh + RG + roff)
+        rt_z = tl.load(RTh + 2 * RG + roff)
+        rt_o = tl.load(RTh + 3 * RG + roff)
+    cp = cnt_ptr + pb * NH + hd
+    poison = tl.full([], 0.0, tl.float32)
+    for tt in range(T0, T1):
+        t = S - 1 - tt
+        src = st_ptr + tl.cast(t, tl.int64) * 4 * plane
+        dhin = cr_ptr + (2 + t % 2) * plane
+        dhout = cr_ptr + (2 + (t + 1) % 2) * plane
+        if PHASES != 2:
+            for bt in range(pb, NBT, GB):
+                rows = (bt * BB + tl.arange(0, BB)).to(tl.int64)
+                rmask = rows < B
+                rm2 = rmask[:, None]
+                so = ((rows * NH + hd) * DH)[:, None] + cols[None, :]
+                xo = ((rows * S + t) * 4 * GS + hd * DH)[:, None] + cols[None, :]
+                dh = tl.load(dhin + so, mask=rm2, other=0.0) + poison
+                if HAS_DH:
+                    ho = (rows[:, None] * S + t) * GS + hd * DH + cols[None, :]
+                    dh += tl.load(dh_ptr + ho, mask=rm2, other=0.0).to(tl.float32)
+                dc = tl.load(cr_ptr + so, mask=rm2, other=0.0)
+                dn = tl.load(cr_ptr + plane + so, mask=rm2, other=0.0)
+                pi = tl.load(g_ptr + xo, mask=rm2, other=0.0)
+                pf = tl.load(g_ptr + xo + GS, mask=rm2, other=0.0)
+                pz = tl.load(g_ptr + xo + 2 * GS, mask=rm2, other=0.0)
+                po = tl.load(g_ptr + xo + 3 * GS, mask=rm2, other=0.0)
+                c_prev = tl.load(src + so, mask=rm2, other=0.0)
+                n_prev = tl.load(src + plane + so, mask=rm2, other=0.0)
+                m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0)
+                if HAS_RESET:
+                    keep = (tl.load(rst_ptr + rows * S + t, mask=rmask, other=0) == 0)[:, None]
+                    c_prev = tl.where(keep, c_prev, 0.0)
+                    n_prev = tl.where(keep, n_prev, 0.0)
+                lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
+                pos = n > 0.0
+                safe = tl.where(pos, n, 1.0)
+                dc_t = dc + dh * og / safe
+                dn_t = dn - tl.where(pos, dh * og * c / (safe * safe), 0.0)
+                d_o = dh * (c / safe) * og * (1.0 - og)
+                d_z = dc_t * ip * (1.0 - z * z)
+                d_i = (dc_t * z + dn_t) * ip
+                d_f = (dc_t * c_prev + dn_t * n_prev) * fp * _sigmoid(-pf)
+                tl.store(cr_ptr + so, dc_t * fp, mask=rm2)
+                tl.store(cr_ptr + plane + so, dn_t * fp, mask=rm2)
+                tl.store(dg_ptr + xo, d_i, mask=rm2)
+                tl.store(dg_ptr + xo + GS, d_f, mask=rm2)
+                tl.store(dg_ptr + xo + 2 * GS, d_z, mask=rm2)
+                tl.store(dg_ptr + xo + 3 * GS, d_o, mask=rm2)
+        if SYNC:
+            poison = tl.where(_group_barrier(cp, (tt - T0 + 1) * P, LIMIT), float("nan"), poison)
+        if PHASES != 1:
+            # dh_{t-1}[cols] = sum_g dG_g,t (all DH units of the head, from every program of the group) @ R_g^T[:, cols]
+            for bt in range(pb, NBT, GB):
+                rows = (bt * BB + tl.arange(0, BB)).to(tl.int64)
+                rmask = rows < B
+                rm2 = rmask[:, None]
+                xrow = (rows * S + t) * 4 * GS + hd * DH
+                gk = xrow[:, None] + kk[None, :]
+                acc = _dot(_r16(tl.load(dg_ptr + gk, mask=rm2, other=0.0, cache_modifier=".cg"), DT, UP), rt_i,
+                           IP, UP)
+                acc += _dot(_r16(tl.load(dg_ptr + gk + GS, mask=rm2, other=0.0, cache_modifier=".cg"), DT, UP),
+                            rt_f, IP, UP)
+                acc += _dot(_r16(tl.load(dg_ptr + gk + 2 * GS, mask=rm2, other=0.0, cache_modifier=".cg"), DT, UP),
+                            rt_z, IP, UP)
+                acc += _dot(_r16(tl.load(dg_ptr + gk + 3 * GS, mask=rm2, other=0.0, cache_modifier=".cg"), DT, UP),
+                            rt_o, IP, UP)
+                if HAS_RESET:
+                    keep = (tl.load(rst_ptr + rows * S + t, mask=rmask, other=0) == 0)[:, None]
+                    acc = tl.where(keep, acc, 0.0)
+                tl.store(dhout + ((rows * NH + hd) * DH)[:, None] + cols[None, :], acc, mask=rm2)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------------------
 
@@ -315,6 +531,30 @@ def _ip(dot_dtype: torch.dtype) -> str:
     if dot_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+_SPIN_LIMIT = 1 << 22  # polls of the group counter (~1 us each) before a split kernel gives up and poisons
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_grid(B: int, S: int, NH: int, cfg: SLSTMTritonConfig, device: torch.device):
+    """(batch tiles, batch-tile programs GB, in-kernel barrier?) of the split kernels. With the barrier, every
+    program must be resident at once: GB x NH x split is kept within the number of SMs (one program per SM is
+    the worst case of occupancy), each program then taking several batch tiles per step; where even GB = 1 does
+    not fit, or in the interpreter, or when cfg.stepwise asks for it, one launch per step (no barrier)."""
+    NBT = (B + cfg.block_b - 1) // cfg.block_b
+    cap = cfg.batch_programs if cfg.batch_programs > 0 else NBT
+    if S == 1 or _interpreting() or cfg.stepwise or device.type != "cuda":
+        return NBT, min(NBT, cap), False
+    per_bt = NH * cfg.split
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if per_bt > sms:
+        return NBT, min(NBT, cap), False
+    return NBT, min(NBT, cap, sms // per_bt), True
 
 
 def _check_inputs(x, R, cfg: SLSTMTritonConfig) -> None:
@@ -342,6 +582,19 @@ def slstm_forward(x, R, b, st, resets, save: bool, cfg: Optional[SLSTMTritonConf
     G = torch.empty(B, S, 4, NH, DH, dtype=torch.float32, device=x.device) if save else h
     NS = st.shape[0]
     rst = resets.contiguous().view(torch.uint8) if resets is not None else h
+    if cfg.split > 1:
+        NBT, GB, sync = _split_grid(B, S, NH, cfg, x.device)
+        cnt = torch.zeros(GB * NH, dtype=torch.int32, device=x.device) if sync else h
+        common = dict(DH=DH, BB=cfg.block_b, BJ=DH // cfg.split, HAS_RESET=resets is not None, SAVE_G=save,
+                      LIMIT=_SPIN_LIMIT, IP=_ip(dd), UP=up, num_warps=cfg.num_warps)
+        grid = (GB, NH, cfg.split)
+        args = (x, Rd, bf, rst, st, h, G, cnt, B, S, NS, NH, NBT)
+        if sync:
+            _fwd_split_kernel[grid](*args, 0, S, SYNC=True, **common)
+        else:
+            for t in range(S):
+                _fwd_split_kernel[grid](*args, t, t + 1, SYNC=False, **common)
+        return h, (G if save else None)
     grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _fwd_kernel[grid](x, Rd, bf, rst, st, h, G, B, S, NS, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, SAVE_G=save, HOIST=cfg.hoist, IP=_ip(dd),
@@ -368,6 +621,20 @@ def slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, cfg: Optional[SLS
         cr[2 + (S - 1) % 2].copy_(ghl)
     gh_arg = gh.contiguous() if gh is not None else cr
     rst = resets.contiguous().view(torch.uint8) if resets is not None else cr
+    if cfg.split > 1:
+        NBT, GB, sync = _split_grid(B, S, NH, cfg, G.device)
+        cnt = torch.zeros(GB * NH, dtype=torch.int32, device=G.device) if sync else cr
+        common = dict(DH=DH, BB=cfg.block_b, BJ=DH // cfg.split, HAS_RESET=resets is not None, HAS_DH=gh is not None,
+                      LIMIT=_SPIN_LIMIT, IP=_ip(dd), UP=up, num_warps=cfg.num_warps)
+        grid = (GB, NH, cfg.split)
+        args = (G, st, rst, RT, gh_arg, dG, cr, cnt, B, S, NH, NBT)
+        if sync:
+            _bwd_split_kernel[grid](*args, 0, S, PHASES=3, SYNC=True, **common)
+        else:
+            for tt in range(S):
+                _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=1, SYNC=False, **common)
+                _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=2, SYNC=False, **common)
+        return dG, cr[0], cr[1], cr[3]
     grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _bwd_kernel[grid](G, st, rst, RT, gh_arg, dG, cr, B, S, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, HAS_DH=gh is not None, IP=_ip(dd), UP=up,
