@@ -137,6 +137,34 @@ def _worker() -> dict:
     want = torch.sigmoid(xd[:, :, 3]) * torch.tanh(xd[:, :, 2])
     results["first_step_exact"] = rel_err(h, want)
 
+    # a GPU whose shared memory cannot hold the split kernels' slices (Triton raises OutOfResources at the first
+    # launch) gets the one-program-per-head kernels instead, for the forward and the backward, and remembers it
+    import triton.runtime.errors as terr
+    from fastxlstm.ops.slstm_forms.triton import _kernels as K
+
+    class _NoResources:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                raise terr.OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    case = make_slstm_case(3, 5, 1, 64, seed=99, with_state=True)
+    xs = case.tensors["x"].float().requires_grad_()
+    Rs = case.tensors["R"].float()
+    bs = case.tensors["b"].float()
+    h_t, _ = slstm_triton(xs, Rs, bs, None, None, K.TILED_LARGE_HEAD)
+    (gx_t,) = torch.autograd.grad(h_t.sum(), [xs])
+    saved = K._fwd_split_kernel, K._bwd_split_kernel
+    K._fwd_split_kernel = K._bwd_split_kernel = _NoResources()
+    try:
+        h_s, _ = slstm_triton(xs, Rs, bs, None, None, SLSTMTritonConfig(split=2))
+        (gx_s,) = torch.autograd.grad(h_s.sum(), [xs])
+    finally:
+        K._fwd_split_kernel, K._bwd_split_kernel = saved
+    results["oor_fallback"] = {"same": bool(torch.equal(h_s, h_t) and torch.equal(gx_s, gx_t)),
+                               "remembered": (64, torch.float32, SLSTMTritonConfig(split=2)) in K._TOO_BIG}
+    K._TOO_BIG.clear()
+
     # inputs the kernels do not take are refused with a clear error
     refused = {}
     for label, shape, dtp in (("float64", (1, 2, 4, 1, 16), torch.float64), ("DH24", (1, 2, 4, 1, 24), torch.float32)):
@@ -176,6 +204,10 @@ def test_kernels_match_reference(interp_results, name):
 
 def test_first_step_exact_for_any_input_gate(interp_results):
     assert interp_results["first_step_exact"] < 1e-6
+
+
+def test_split_kernels_fall_back_when_out_of_shared_memory(interp_results):
+    assert interp_results["oor_fallback"] == {"same": True, "remembered": True}
 
 
 def test_unsupported_inputs_refused(interp_results):

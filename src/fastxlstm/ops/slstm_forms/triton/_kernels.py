@@ -69,11 +69,15 @@ def default_config(DH: int, dtype: torch.dtype) -> SLSTMTritonConfig:
     """Up to DH 64: one program per (16 batch rows, head), BB 16 (the most programs for a given batch), one tile of
     all units, with R held in registers when its four DH x DH gate blocks take at most 32 KB; eight warps at DH 64
     (no spills in the sm_90 builds: Triton 3.9 AOT + cuobjdump: 128-176 registers). From DH 128: the split kernels,
-    32 units per program (4 programs per head at DH 128, 8 at DH 256), R's slice on chip (benchmarks/NOTES.md)."""
+    32 units per program (4 programs per head at DH 128, 8 at DH 256; 16 units in fp32 at DH 256), R's slice on chip
+    (benchmarks/NOTES.md). A GPU whose shared memory cannot hold the split kernels' slices gets the one-program-per-
+    head tiling instead (see _fallback)."""
     elt = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     if DH <= 64:
         hoist = 4 * DH * DH * elt <= 32 * 1024
         return SLSTMTritonConfig(block_b=16, block_j=DH, block_k=DH, num_warps=8 if DH == 64 else 4, hoist=hoist)
+    if elt == 4 and DH == 256:  # 32 fp32 units: 128 KB of R^T slices, over the backward's shared memory
+        return SLSTMTritonConfig(block_b=16, split=16, num_warps=8)
     return SLSTMTritonConfig(block_b=16, split=DH // 32, num_warps=4)
 
 
@@ -533,6 +537,15 @@ def _ip(dot_dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _tiled(DH: int) -> SLSTMTritonConfig:
+    """The one-program-per-head kernels for any head dim (the split kernels' fallback)."""
+    return TILED_LARGE_HEAD if DH >= 64 else SLSTMTritonConfig(block_b=16, block_j=DH, block_k=DH, num_warps=4)
+
+
+#: (head dim, dot dtype, config) of split kernels this GPU could not launch (shared memory): the tiled kernels run
+#: instead (the same arithmetic up to the order of the reduction)
+_TOO_BIG: set = set()
+
 _SPIN_LIMIT = 1 << 22  # polls of the group counter (~1 us each) before a split kernel gives up and poisons
 
 
@@ -582,6 +595,8 @@ def slstm_forward(x, R, b, st, resets, save: bool, cfg: Optional[SLSTMTritonConf
     G = torch.empty(B, S, 4, NH, DH, dtype=torch.float32, device=x.device) if save else h
     NS = st.shape[0]
     rst = resets.contiguous().view(torch.uint8) if resets is not None else h
+    if cfg.split > 1 and (DH, dd, cfg) in _TOO_BIG:
+        cfg = _tiled(DH)
     if cfg.split > 1:
         NBT, GB, sync = _split_grid(B, S, NH, cfg, x.device)
         cnt = torch.zeros(GB * NH, dtype=torch.int32, device=x.device) if sync else h
@@ -589,11 +604,15 @@ def slstm_forward(x, R, b, st, resets, save: bool, cfg: Optional[SLSTMTritonConf
                       LIMIT=_SPIN_LIMIT, IP=_ip(dd), UP=up, num_warps=cfg.num_warps)
         grid = (GB, NH, cfg.split)
         args = (x, Rd, bf, rst, st, h, G, cnt, B, S, NS, NH, NBT)
-        if sync:
-            _fwd_split_kernel[grid](*args, 0, S, SYNC=True, **common)
-        else:
-            for t in range(S):
-                _fwd_split_kernel[grid](*args, t, t + 1, SYNC=False, **common)
+        try:
+            if sync:
+                _fwd_split_kernel[grid](*args, 0, S, SYNC=True, **common)
+            else:
+                for t in range(S):
+                    _fwd_split_kernel[grid](*args, t, t + 1, SYNC=False, **common)
+        except triton.runtime.errors.OutOfResources:  # raised at the first launch, before any work was done
+            _TOO_BIG.add((DH, dd, cfg))
+            return slstm_forward(x, R, b, st, resets, save, _tiled(DH))
         return h, (G if save else None)
     grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _fwd_kernel[grid](x, Rd, bf, rst, st, h, G, B, S, NS, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
@@ -621,6 +640,8 @@ def slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, cfg: Optional[SLS
         cr[2 + (S - 1) % 2].copy_(ghl)
     gh_arg = gh.contiguous() if gh is not None else cr
     rst = resets.contiguous().view(torch.uint8) if resets is not None else cr
+    if cfg.split > 1 and (DH, dd, cfg) in _TOO_BIG:
+        cfg = _tiled(DH)
     if cfg.split > 1:
         NBT, GB, sync = _split_grid(B, S, NH, cfg, G.device)
         cnt = torch.zeros(GB * NH, dtype=torch.int32, device=G.device) if sync else cr
@@ -628,12 +649,16 @@ def slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, cfg: Optional[SLS
                       LIMIT=_SPIN_LIMIT, IP=_ip(dd), UP=up, num_warps=cfg.num_warps)
         grid = (GB, NH, cfg.split)
         args = (G, st, rst, RT, gh_arg, dG, cr, cnt, B, S, NH, NBT)
-        if sync:
-            _bwd_split_kernel[grid](*args, 0, S, PHASES=3, SYNC=True, **common)
-        else:
-            for tt in range(S):
-                _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=1, SYNC=False, **common)
-                _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=2, SYNC=False, **common)
+        try:
+            if sync:
+                _bwd_split_kernel[grid](*args, 0, S, PHASES=3, SYNC=True, **common)
+            else:
+                for tt in range(S):
+                    _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=1, SYNC=False, **common)
+                    _bwd_split_kernel[grid](*args, tt, tt + 1, PHASES=2, SYNC=False, **common)
+        except triton.runtime.errors.OutOfResources:  # raised at the first launch, before any work was done
+            _TOO_BIG.add((DH, dd, cfg))
+            return slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, _tiled(DH))
         return dG, cr[0], cr[1], cr[3]
     grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
     _bwd_kernel[grid](G, st, rst, RT, gh_arg, dG, cr, B, S, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
