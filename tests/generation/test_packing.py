@@ -2,9 +2,9 @@
 multi-step decode, no extra memory, and everything around a model keeps working on a packed one (autograd, save /
 load, load_state_dict, .to(), unpacking, the transformers export, the CUDA-graph decoder's default and switch).
 
-Measured on the CPU (torch 2.13), packed vs unpacked over 7 prompt tokens + 12 decode steps: float64 relative
-errors <= ~3e-16 on logits and states, float32 <= ~2e-7; bf16 logits ~1e-3 (the tolerances below are a few times
-those)."""
+Measured on the CPU (torch 2.13), packed vs unpacked over 7 prompt tokens + 12 decode steps, worst relative error
+over logits and states: float64 6e-16, float32 6e-7 (bf16 logits: 0 here, the same kernels per row block); the
+tolerances below are a few times those."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +18,7 @@ from fastxlstm.generation.packing import is_packed
 from fastxlstm.layers.ffn import GatedFFN
 from fastxlstm.models.xlstm_large import XLSTMLarge, XLSTMLargeConfig
 
-TOL = {torch.float64: 1e-13, torch.float32: 2e-6}
+TOL = {torch.float64: 5e-15, torch.float32: 2e-6}
 
 
 def _config(use_bias=False):
@@ -183,7 +183,7 @@ def test_training_on_packed_model_gives_unpacked_gradients():
         m(ids, labels=labels).loss.backward()
     for (na, pa), (nb, pb) in zip(ref.named_parameters(), packed.named_parameters()):
         assert pb.grad is not None, nb
-        assert _rel(pb.grad, pa.grad) < 1e-13, nb
+        assert _rel(pb.grad, pa.grad) < TOL[torch.float64], nb
     # an optimizer step updates the parameters in place, hence the packed tensor: the packed (no-grad) forward
     # then computes the updated function
     for m in (ref, packed):
@@ -191,7 +191,7 @@ def test_training_on_packed_model_gives_unpacked_gradients():
         m.eval()
     assert is_packed(packed)
     with torch.no_grad():
-        assert _rel(packed(ids).logits, ref(ids).logits) < 1e-13
+        assert _rel(packed(ids).logits, ref(ids).logits) < TOL[torch.float64]
 
 
 @pytest.mark.filterwarnings("ignore:this model is saved in transformers")
@@ -291,14 +291,24 @@ def test_gated_ffn_packing_with_bias_and_autocast():
         assert a.dtype == b.dtype == torch.bfloat16 and _rel(a, b) < 1e-2
 
 
-def test_paper_model_packs_its_slstm_ffn_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paper_model_packs_gates_and_slstm_ffn(dtype):
     torch.manual_seed(0)
-    ref = fastxlstm.build_model("tiny").eval()  # [mLSTM, sLSTM]: the sLSTM block's FFN is the packable layer
+    # [mLSTM, sLSTM]: the mLSTM layer's igate|fgate and the sLSTM block's FFN are the packable groups
+    ref = fastxlstm.build_model("tiny").to(dtype).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "igate" in name or "fgate" in name:
+                p.normal_(0, 0.5)
     m = copy.deepcopy(ref)
-    assert pack_projections(m) == 1
+    assert pack_projections(m) == 2
     ids = torch.randint(0, 256, (2, 9))
-    for a, b in zip(_decode(ref, ids, 5), _decode(m, ids, 5)):
-        assert _rel(b.logits, a.logits) < TOL[torch.float32]
+    worst = 0.0
+    for a, b in zip(_decode(ref, ids, 6), _decode(m, ids, 6)):
+        worst = max(worst, _rel(b.logits, a.logits))
+    assert worst < TOL[dtype], worst
+    a = ref.generate(ids, 40, do_sample=False, use_cuda_graph=False)
+    assert torch.equal(a, m.generate(ids, 40, do_sample=False, use_cuda_graph=False))
 
 
 def test_transformers_export_of_packed_model():

@@ -9,8 +9,11 @@ six times in its mLSTM layer (q, k, v, output gate, input gate, forget gate) and
 batch-1 decode step runs each as its own matrix-vector product: 8 launches per block, two of them tiny (E -> heads).
 Packed, each group's weights are row blocks of ONE tensor and the layer computes the group with one matmul (two in
 bf16/fp16, where the two gates stay a separate float32 product as always): ~190 fewer launches per token for the
-32-block 7B. The paper model's sLSTM-block FFN (the same :class:`~fastxlstm.layers.ffn.GatedFFN`) is packed too;
-its mLSTM layer already has a single up-projection and its q/k/v read different inputs, so nothing changes there.
+32-block 7B. In the paper model (:class:`~fastxlstm.models.xlstm_lm.XLSTMLM`) the sLSTM-block FFN (the same
+:class:`~fastxlstm.layers.ffn.GatedFFN`) is packed too, and the mLSTM layer's igate|fgate pair becomes one tensor
+(which removes the two per-call concatenations of their weights and biases); its up-projection already is one
+matmul and its q / k / v read different inputs (q, k the conv output, v the up-projection), so nothing else
+changes there.
 
 The transform is memory neutral and reversible: each parameter becomes a view of the packed tensor (names,
 ``state_dict``, checkpoints unchanged; ``save_pretrained`` writes ordinary separate tensors that an unpacked model
