@@ -263,7 +263,15 @@ def check_graph_vs_eager(model, new=64):
     from fastxlstm.generation.packing import is_packed
     unpack_projections(model)
     ids = torch.randint(3, model.config.vocab_size, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
-    a = model.generate(ids, new, do_sample=False, use_cuda_graph=False)
+    before = os.environ.get("FASTXLSTM_PACK")
+    os.environ["FASTXLSTM_PACK"] = "0"  # the eager loop would pack the 7B architecture
+    try:
+        a = model.generate(ids, new, do_sample=False, use_cuda_graph=False)
+    finally:
+        if before is None:
+            del os.environ["FASTXLSTM_PACK"]
+        else:
+            os.environ["FASTXLSTM_PACK"] = before
     with torch.no_grad():  # the eager (unpacked) reference of one step
         logits, st = prefill(model, ids, None)
         tok = logits.argmax(-1)

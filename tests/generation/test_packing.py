@@ -128,12 +128,14 @@ def test_packed_path_is_taken_and_gates_stay_float32():
         _packing._LINEAR = orig
 
 
-def test_greedy_64_steps_identical_float64():
+def test_greedy_64_steps_identical_float64(monkeypatch):
     ref = _model(torch.float64, seed=1)
     packed = copy.deepcopy(ref)
     pack_projections(packed)
     ids = torch.randint(0, 97, (2, 6))
+    monkeypatch.setenv("FASTXLSTM_PACK", "0")  # the eager loop would pack the reference too
     a = ref.generate(ids, 64, do_sample=False, use_cuda_graph=False)
+    assert not is_packed(ref)
     b = packed.generate(ids, 64, do_sample=False, use_cuda_graph=False)
     assert torch.equal(a, b)
     assert len(set(a[:, 6:].flatten().tolist())) > 3  # a real sequence, not one repeated token
@@ -343,15 +345,32 @@ def no_capture(monkeypatch):
 
 
 def test_graph_decoder_packs_by_default(no_capture, monkeypatch):
-    monkeypatch.delenv("FASTXLSTM_PACK", raising=False)
     ref = _model(torch.float32, seed=2)
     m = copy.deepcopy(ref)
     ids = torch.randint(0, 97, (2, 6))
+    monkeypatch.setenv("FASTXLSTM_PACK", "0")
     a = ref.generate(ids, 20, do_sample=False, use_cuda_graph=False)
-    assert not is_packed(ref)  # the eager loop leaves the model as it is
+    assert not is_packed(ref)
+    monkeypatch.delenv("FASTXLSTM_PACK")
     b = m.generate(ids, 20, do_sample=False, use_cuda_graph=True)
     assert is_packed(m)
     assert torch.equal(a, b)
+
+
+def test_eager_loop_packs_the_7b_architecture_only(monkeypatch):
+    monkeypatch.delenv("FASTXLSTM_PACK", raising=False)
+    large = _model(torch.float32, seed=2)
+    ids = torch.randint(0, 97, (2, 6))
+    list(large.generate_stream(ids, 3, do_sample=False, use_cuda_graph=False))
+    assert is_packed(large)
+    torch.manual_seed(0)
+    paper = fastxlstm.build_model("tiny").eval()
+    paper.generate(ids, 3, do_sample=False, use_cuda_graph=False)
+    assert not is_packed(paper)  # no measurable gain in its eager step: left as it is
+    monkeypatch.setenv("FASTXLSTM_PACK", "0")
+    other = _model(torch.float32, seed=2)
+    other.generate(ids, 3, do_sample=False, use_cuda_graph=False)
+    assert not is_packed(other)
 
 
 @pytest.mark.parametrize("how", ["env", "argument"])
