@@ -22,7 +22,7 @@ separate projections (same gradients as unpacked: packing speeds up inference on
 :mod:`fastxlstm.layers._packing`.
 
 The CUDA-graph decoder (:mod:`fastxlstm.generation.graph`) packs a model before it captures a step, and the eager
-loop packs an ``XLSTMLarge`` (its CPU decode step measured 1.8x faster at ``7b-tiny``, +13% at ``7b-160m``; the
+loop packs an ``XLSTMLarge`` (its CPU decode step measured 1.2-1.8x faster at ``7b-tiny``, +5-13% at ``7b-160m``; the
 paper presets showed no measurable change, so the eager loop leaves them as they are), unless the environment
 variable ``FASTXLSTM_PACK=0`` is set. Packing stays with the model after ``generate`` returns; a model packed by
 hand or by an earlier call stays packed under FASTXLSTM_PACK=0 too: use :func:`unpack_projections`.
