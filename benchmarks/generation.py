@@ -5,6 +5,11 @@ transformers (the attention baseline), in one process, random weights, bf16.
     python benchmarks/generation.py --out benchmarks/results/h200_generation.json       # on a GPU
     python benchmarks/generation.py --quick --preset 7b-tiny --out /tmp/gen.json         # smoke run
     python benchmarks/generation.py --plot benchmarks/results/h200_generation.json      # png + markdown table
+    # packed vs unpacked projections (7B), the paper 1.3B at B=1 and Llama with static cache + torch.compile,
+    # without the slower sweeps (~5-6 min on an H200):
+    python benchmarks/generation.py --out benchmarks/results/h200_generation_pack.json --pack-compare \
+        --extra-presets 1.3b --skip-context --skip-prefill --skip-memory --skip-profile --skip-official \
+        --skip-transformers --skip-llama-eager
 
 Measured:
 - tokens/s against batch size (prompt 32 tokens, greedy, ``--new`` new tokens): B*new / wall time of generate();
@@ -12,8 +17,16 @@ Measured:
   for attention;
 - prefill time of a 16k-token prompt at B=1 (time to first token);
 - peak GPU memory while generating 64 and 1024 tokens (flat in the number of tokens);
-- correctness in the same run: greedy tokens of the graph path against the eager path (the first divergence, if
-  any) and the relative difference of their first-step logits.
+- correctness in the same run: greedy tokens of the graph path against the eager path of the UNPACKED model (the
+  first divergence, if any), whether the graph's first token equals the eager argmax, and the relative difference
+  of one step's logits (graph in logits mode against the unpacked eager forward);
+- ``--pack-compare``: the graph path with the model's same-input projections packed (the default,
+  ``fastxlstm.generation.pack_projections``) and unpacked (FASTXLSTM_PACK=0) at the same batch sizes;
+- ``--extra-presets``: other presets (e.g. the paper's ``1.3b``) with the graph path at ``--extra-batches``, each
+  with its own floor and graph-vs-eager check;
+- Llama rows: transformers' eager generate with its dynamic cache, and ``cache_implementation="static"``, with which
+  transformers compiles the decoding forward (torch.compile, "reduce-overhead": CUDA graphs) by itself; that row
+  runs last and a failure is recorded as its error string.
 The floor per decode step is the weight read plus the state read and write at the measured copy bandwidth.
 Competitors run in try/except blocks: a failure is recorded with its message, not fatal.
 """
@@ -130,6 +143,19 @@ def build_transformers_xlstm(model):
     return hf.to(device="cuda", dtype=model.dtype).eval()
 
 
+def static_compile_kwargs():
+    """generate() kwargs for transformers' static cache with its automatic torch.compile of the decoding forward
+    (transformers 4.48+ compiles when the cache is static and the device is CUDA; an explicit CompileConfig where
+    the installed version has one)."""
+    kw = {"cache_implementation": "static"}
+    try:
+        from transformers import CompileConfig
+        kw["compile_config"] = CompileConfig(fullgraph=False, mode="reduce-overhead")
+    except Exception:  # noqa: BLE001 - older transformers: its defaults
+        pass
+    return kw
+
+
 def hf_generate(hf, **extra):
     import torch
 
@@ -156,8 +182,9 @@ def build_llama(hidden, layers, heads, kv_heads, ffn, vocab, dtype):
 # measurements
 # ---------------------------------------------------------------------------------------------------------------
 
-def throughput(run, vocab, batches, new, prompt=32, deadline=None):
-    """{B: tokens/s} (or an error string per B)."""
+def throughput(run, vocab, batches, new, prompt=32, deadline=None, warm_new=4):
+    """{B: tokens/s} (or an error string per B). ``warm_new``: tokens of the untimed warm-up run (a static cache
+    is sized by the prompt plus the new tokens, so its compiled forward is warmed up with the timed length)."""
     import torch
     res = {}
     for B in batches:
@@ -166,7 +193,7 @@ def throughput(run, vocab, batches, new, prompt=32, deadline=None):
             continue
         try:
             ids = torch.randint(3, vocab, (B, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(B))
-            run(ids, 4)  # warm up: compiles, graph capture for this B
+            run(ids, warm_new)  # warm up: compiles, graph capture for this B
             t, out = _timed(lambda: run(ids, new))
             n_new = out.shape[1] - prompt
             res[str(B)] = {"tokens_per_s": B * n_new / t, "s": t, "new_tokens": n_new}
@@ -228,28 +255,45 @@ def memory_flat(model, news=(64, 1024)):
 
 
 def check_graph_vs_eager(model, new=64):
-    """Greedy tokens of the graph and eager paths on the same prompt; first-step logits."""
+    """Greedy tokens of the graph path (packed by default) against the eager path of the unpacked model; one
+    step's logits (graph in logits mode against the unpacked eager forward)."""
     import torch
+    from fastxlstm.generation import unpack_projections
+    from fastxlstm.generation.graph import get_decoder, prefill
+    from fastxlstm.generation.packing import is_packed
+    unpack_projections(model)
     ids = torch.randint(3, model.config.vocab_size, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
-    a = model.generate(ids, new, do_sample=False, use_cuda_graph=False)
+    before = os.environ.get("FASTXLSTM_PACK")
+    os.environ["FASTXLSTM_PACK"] = "0"  # the eager loop would pack the 7B architecture
+    try:
+        a = model.generate(ids, new, do_sample=False, use_cuda_graph=False)
+    finally:
+        if before is None:
+            del os.environ["FASTXLSTM_PACK"]
+        else:
+            os.environ["FASTXLSTM_PACK"] = before
+    with torch.no_grad():  # the eager (unpacked) reference of one step
+        logits, st = prefill(model, ids, None)
+        tok = logits.argmax(-1)
+        ref = model._forward(tok[:, None], st, None, True).logits[:, -1]
     b = model.generate(ids, new, do_sample=False, use_cuda_graph=True)
+    packed = is_packed(model)
     diff = (a != b)[:, 32:]
     first = None
     if bool(diff.any()):
         first = int(diff.any(dim=0).nonzero()[0, 0])
-    # one decode step's logits, eager vs graph body, from the same prefill state
-    from fastxlstm.generation.graph import get_decoder, prefill
     with torch.no_grad():
-        logits, st = prefill(model, ids, None)
-        tok = logits.argmax(-1)
-        ref = model._forward(tok[:, None], st, None, True).logits[:, -1]
         dec = get_decoder(model, 2, False, None, False, None, None)
         dec.load(st, tok)
-        dec.graph.replay() if dec.graph is not None else dec._body()
-        # the graph's own logits are not kept: compare the token it chose and the eager argmax
+        dec.step()
         chose = dec.tok.clone()
+        ldec = get_decoder(model, 2, None, None, False, None, None)
+        ldec.load(st, tok)
+        got = ldec.step_logits(tok)
+        rel = float((got.double() - ref.double()).norm() / ref.double().norm())
     return {"tokens_equal": bool(not diff.any()), "first_divergence_step": first, "new_tokens": new,
-            "first_step_token_equal": bool(torch.equal(chose, ref.argmax(-1)))}
+            "first_step_token_equal": bool(torch.equal(chose, ref.argmax(-1))), "graph_packed": packed,
+            "step_logits_rel_err_vs_unpacked_eager": rel}
 
 
 def profile_step(model, B=1, steps=5):
@@ -298,6 +342,37 @@ def gemv_shapes(shapes=((2048, 4096), (4096, 4096), (10944, 4096), (4096, 10944)
         out[f"{N}x{K}"] = row
         print(f"    {N}x{K}: " + ", ".join(f"{k} {v['us']:.1f} us {v['GB_per_s']:.0f} GB/s err {v['rel_err']:.1e}"
                                            for k, v in row.items()), flush=True)
+    return out
+
+
+def extra_preset(preset, args, deadline):
+    """Another preset (e.g. the paper's 1.3b) on the graph path at ``--extra-batches``: its floor, a graph-vs-eager
+    check and tokens/s. Errors are recorded, not fatal."""
+    import torch
+    out = {}
+    print(f"extra preset {preset}", flush=True)
+    model = None
+    try:
+        model = build_ours(preset, torch.bfloat16)
+        batches = [int(b) for b in args.extra_batches.split(",")]
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        sbytes = model.init_state(1).nbytes()
+        bw = copy_bandwidth()
+        out["meta"] = {"model": type(model).__name__, "param_bytes": nbytes, "state_bytes_per_sequence": sbytes}
+        out["floor"] = {str(B): {"ms_per_step": (nbytes + 2 * B * sbytes) / bw * 1e3,
+                                 "tokens_per_s": B / ((nbytes + 2 * B * sbytes) / bw)} for B in batches}
+        try:
+            out["check"] = check_graph_vs_eager(model, new=32)
+        except Exception as e:  # noqa: BLE001
+            out["check"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        print(f"    check: {out['check']}", flush=True)
+        out["graph"] = throughput(ours_generate(model, True), model.config.vocab_size, batches, args.new,
+                                  deadline=deadline)
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+    del model
+    _free()
     return out
 
 
@@ -350,32 +425,57 @@ def main_bench(args):
     save()
 
     s = res["systems"]
-    print("ours (CUDA graph)", flush=True)
-    s["fastxlstm graph"] = {"throughput": throughput(ours_generate(model, True), V, batches, args.new, deadline=deadline)}
-    save()
-    s["fastxlstm graph"]["per_token_vs_context"] = per_token_vs_context(ours_generate(model, True), V, contexts,
-                                                                         deadline=deadline)
-    try:
-        s["fastxlstm graph"]["prefill_16k_s"] = ours_prefill(model, 16384)
-        print(f"    prefill 16k: {s['fastxlstm graph']['prefill_16k_s']:.3f} s", flush=True)
-    except Exception as e:  # noqa: BLE001
-        s["fastxlstm graph"]["prefill_16k_s"] = f"error: {e}"
-    try:
-        s["fastxlstm graph"]["memory"] = memory_flat(model)
-    except Exception as e:  # noqa: BLE001
-        s["fastxlstm graph"]["memory"] = f"error: {e}"
-    save()
-    print("ours (eager)", flush=True)
-    s["fastxlstm eager"] = {"throughput": throughput(ours_generate(model, False), V, batches[:2], min(args.new, 64),
-                                                     deadline=deadline)}
-    try:
-        res["profile"] = profile_step(model)
-        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops"} for k, v in res["profile"].items()}),
-              flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["profile"] = f"error: {e}"
-    save()
+    from fastxlstm.generation import pack_projections, unpack_projections
     from fastxlstm.generation.graph import clear_graphs
+    from fastxlstm.generation.packing import is_packed, packing_default
+    graph_name = "fastxlstm graph"
+    if args.pack_compare:
+        graph_name = "fastxlstm graph (packed)" if packing_default() else "fastxlstm graph (FASTXLSTM_PACK=0)"
+    print(f"ours (CUDA graph; packing {'on' if packing_default() else 'off (FASTXLSTM_PACK=0)'})", flush=True)
+    s[graph_name] = {"throughput": throughput(ours_generate(model, True), V, batches, args.new, deadline=deadline)}
+    res["meta"]["graph_packed"] = is_packed(model)
+    save()
+    if not args.skip_context:
+        s[graph_name]["per_token_vs_context"] = per_token_vs_context(ours_generate(model, True), V, contexts,
+                                                                     deadline=deadline)
+    if not args.skip_prefill:
+        try:
+            s[graph_name]["prefill_16k_s"] = ours_prefill(model, 16384)
+            print(f"    prefill 16k: {s[graph_name]['prefill_16k_s']:.3f} s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            s[graph_name]["prefill_16k_s"] = f"error: {e}"
+    if not args.skip_memory:
+        try:
+            s[graph_name]["memory"] = memory_flat(model)
+        except Exception as e:  # noqa: BLE001
+            s[graph_name]["memory"] = f"error: {e}"
+    save()
+    if args.pack_compare and packing_default():
+        # the same graph path on the unpacked model (what FASTXLSTM_PACK=0 gives)
+        print("ours (CUDA graph, unpacked: FASTXLSTM_PACK=0)", flush=True)
+        clear_graphs(model)
+        unpack_projections(model)
+        os.environ["FASTXLSTM_PACK"] = "0"
+        try:
+            s["fastxlstm graph (unpacked, FASTXLSTM_PACK=0)"] = {
+                "throughput": throughput(ours_generate(model, True), V, batches, args.new, deadline=deadline)}
+        finally:
+            del os.environ["FASTXLSTM_PACK"]
+            clear_graphs(model)
+            pack_projections(model)
+        save()
+    if not args.skip_eager:
+        print("ours (eager)", flush=True)
+        s["fastxlstm eager"] = {"throughput": throughput(ours_generate(model, False), V, batches[:2],
+                                                         min(args.new, 64), deadline=deadline)}
+    if not args.skip_profile:
+        try:
+            res["profile"] = profile_step(model)
+            print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops"}
+                              for k, v in res["profile"].items()}), flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["profile"] = f"error: {e}"
+    save()
     clear_graphs(model)
 
     is_large = type(model).__name__ == "XLSTMLarge"
@@ -408,6 +508,9 @@ def main_bench(args):
     c = model.config
     del model
     _free()
+    for preset in [p for p in args.extra_presets.split(",") if p]:
+        res.setdefault("extra_presets", {})[preset] = extra_preset(preset, args, deadline)
+        save()
     if not args.skip_llama:
         E = getattr(c, "hidden_size", None) or c.embedding_dim
         L = getattr(c, "num_hidden_layers", None) or c.num_blocks
@@ -416,16 +519,24 @@ def main_bench(args):
         try:
             llama = build_llama(E, L, heads, min(8, heads), int(3.5 * E) // 64 * 64, V, dtype)
             res["meta"]["llama_params"] = sum(p.numel() for p in llama.parameters())
-            s["llama (transformers, eager, dynamic cache)"] = {
-                "throughput": throughput(hf_generate(llama), V, batches[:3], min(args.new, 64), deadline=deadline),
-                "per_token_vs_context": per_token_vs_context(hf_generate(llama), V, contexts, deadline=deadline)}
-            save()
+            if not args.skip_llama_eager:
+                s["llama (transformers, eager, dynamic cache)"] = {
+                    "throughput": throughput(hf_generate(llama), V, batches[:3], min(args.new, 64), deadline=deadline)}
+                if not args.skip_context:
+                    s["llama (transformers, eager, dynamic cache)"]["per_token_vs_context"] = per_token_vs_context(
+                        hf_generate(llama), V, contexts, deadline=deadline)
+                save()
+            name = "llama (transformers, static cache + torch.compile)"
+            print(name, flush=True)
             try:
-                s["llama (transformers, static cache + torch.compile)"] = {
-                    "throughput": throughput(hf_generate(llama, cache_implementation="static"), V, batches[:1],
-                                             min(args.new, 64), deadline=deadline)}
+                kw = static_compile_kwargs()
+                res["meta"]["llama_static_kwargs"] = {k: repr(v) for k, v in kw.items()}
+                llama_batches = [int(b) for b in args.llama_batches.split(",")]
+                s[name] = {"throughput": throughput(hf_generate(llama, **kw), V, llama_batches, min(args.new, 128),
+                                                    deadline=deadline, warm_new=min(args.new, 128))}
             except Exception as e:  # noqa: BLE001
-                s["llama (transformers, static cache + torch.compile)"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                s[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
             del llama
         except Exception as e:  # noqa: BLE001
             s["llama"] = f"error: {type(e).__name__}: {str(e)[:400]}"
@@ -462,6 +573,17 @@ def table(res) -> str:
     fl = res.get("floor", {})
     lines.append("| floor (weights + state read/write at copy bandwidth) | "
                  + " | ".join(f"{fl[str(b)]['tokens_per_s']:,.0f}" if str(b) in fl else "-" for b in batches) + " | - |")
+    for preset, ex in res.get("extra_presets", {}).items():
+        if "error" in ex:
+            lines.append(f"\n{preset}: error {ex['error'][:200]}")
+            continue
+        cells = []
+        for b, v in ex.get("graph", {}).items():
+            f = ex.get("floor", {}).get(b, {}).get("tokens_per_s")
+            cells.append(f"B={b}: {_tps(v):,.0f} tok/s" if _tps(v) else f"B={b}: {str(v)[:60]}")
+            if f:
+                cells[-1] += f" (floor {f:,.0f})"
+        lines.append(f"\n{preset} (graph path): " + "; ".join(cells) + f"; check: {ex.get('check')}")
     return "\n".join(lines)
 
 
@@ -517,6 +639,22 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--gemv-shapes", action="store_true", help="also time cuBLAS vs our batch-1 Triton GEMV")
+    ap.add_argument("--pack-compare", action="store_true",
+                    help="also run the graph path with the projections unpacked (FASTXLSTM_PACK=0) at the same "
+                         "batch sizes (the default row packs them: fastxlstm.generation.pack_projections)")
+    ap.add_argument("--extra-presets", default="", metavar="LIST",
+                    help="comma-separated other presets (e.g. 1.3b) measured on the graph path at --extra-batches, "
+                         "after the main preset's rows")
+    ap.add_argument("--extra-batches", default="1", metavar="LIST", help="batch sizes for --extra-presets (1)")
+    ap.add_argument("--llama-batches", default="1", metavar="LIST",
+                    help="batch sizes of the Llama static cache + torch.compile row (1; each compiles again)")
+    ap.add_argument("--skip-llama-eager", action="store_true",
+                    help="only the Llama static cache + torch.compile row, not the eager dynamic-cache one")
+    ap.add_argument("--skip-context", action="store_true", help="no time-per-token vs context sweeps")
+    ap.add_argument("--skip-prefill", action="store_true", help="no 16k-token prefill timing")
+    ap.add_argument("--skip-memory", action="store_true", help="no peak-memory measurement")
+    ap.add_argument("--skip-eager", action="store_true", help="no eager-loop throughput row of ours")
+    ap.add_argument("--skip-profile", action="store_true", help="no torch.profiler kernel count of a decode step")
     args = ap.parse_args()
     if args.plot:
         with open(args.plot) as fh:

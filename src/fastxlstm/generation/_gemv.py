@@ -81,17 +81,29 @@ def _skinny_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, module.weight, module.bias)
 
 
+def _skinny_packed(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    if (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.stride(1) == 1 and not torch.is_grad_enabled()):
+        return gemv(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
 @contextlib.contextmanager
 def skinny_linears(model: nn.Module):
     """Inside: every nn.Linear of ``model`` computes a single-row input with :func:`gemv` (others as usual).
     The modules are restored on exit; a CUDA graph captured inside keeps the kernels it recorded."""
+    from ..layers import _packing
     patched = []
+    packed_linear = _packing._LINEAR
     try:
         for mod in model.modules():
             if type(mod) is nn.Linear and "forward" not in mod.__dict__:
                 mod.forward = (lambda m: (lambda x: _skinny_forward(m, x)))(mod)
                 patched.append(mod)
+        # the packed projections (fastxlstm.layers._packing) call this instead of nn.Linear
+        _packing._LINEAR = _skinny_packed
         yield
     finally:
+        _packing._LINEAR = packed_linear
         for mod in patched:
             del mod.forward

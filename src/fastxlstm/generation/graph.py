@@ -13,6 +13,9 @@ What the graph holds (all static buffers, allocated once per batch size and reus
   with the same call the eager sampler makes, so a seed gives the same tokens on both paths;
 - ``finished`` (B,) bool: rows that emitted an end-of-sequence token keep emitting the fill token.
 
+Before the first capture the model's same-input projections are packed in place (``pack_projections``: one
+matmul per group instead of up to six, memory neutral, the same function); FASTXLSTM_PACK=0 turns that off.
+
 Sampling parameters that change shapes or the captured code (greedy or not, top_k, whether top_p is used) are part of
 the cache key; temperature and top_p are device scalars filled per call. Each call loads the prefill state into the
 static buffers and clears ``finished``: nothing leaks between calls. Memory stays flat: no step allocates.
@@ -32,6 +35,8 @@ import torch
 
 from ..layers.state import XLSTMState
 from ._modes import inference
+from .packing import pack_projections
+from .packing import packing_default as pack_default
 from .sampling import pick_with_uniform, sample_next_token
 
 __all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill"]
@@ -212,9 +217,16 @@ def _fingerprint(model) -> int:
 
 
 def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_top_p: bool,
-                eos: Optional[List[int]], fill: Optional[int], compile: Optional[bool] = None) -> GraphDecoder:
+                eos: Optional[List[int]], fill: Optional[int], compile: Optional[bool] = None,
+                pack: Optional[bool] = None) -> GraphDecoder:
     """The cached decoder for this model, batch size and sampling mode (captured on first use; a few are kept,
-    least recently used dropped first)."""
+    least recently used dropped first).
+
+    ``pack`` (default: True unless FASTXLSTM_PACK=0): first pack the model's same-input projections in place
+    (:func:`fastxlstm.generation.pack_projections`: one matmul per group, memory neutral, same function). False
+    leaves the model as it is."""
+    if pack_default() if pack is None else pack:
+        pack_projections(model)  # before the fingerprint: packing moves the parameters into the packed tensors
     cache: "OrderedDict[_Key, GraphDecoder]" = model.__dict__.setdefault("_fastxlstm_graphs", OrderedDict())
     key = _Key(batch_size, model.dtype, None if sample is None else bool(sample), top_k if sample else None,
                bool(use_top_p and sample),

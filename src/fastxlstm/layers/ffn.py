@@ -10,14 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._fast import compute_dtype_for
+from ._packing import PackableMixin
 
 __all__ = ["GatedFFN"]
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu}
 
 
-class GatedFFN(nn.Module):
-    """Input (..., dim) -> output (..., dim) through a gated hidden layer of width ``hidden_dim``."""
+class GatedFFN(PackableMixin, nn.Module):
+    """Input (..., dim) -> output (..., dim) through a gated hidden layer of width ``hidden_dim``.
+
+    :meth:`pack_projections` stores proj_up_gate and proj_up (two projections of the same input) as row blocks of
+    one weight (see :mod:`fastxlstm.layers._packing`): one matmul instead of two, same function and parameters.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = False):
         super().__init__()
@@ -37,7 +42,16 @@ class GatedFFN(nn.Module):
             raise ValueError(f"GatedFFN expects (..., {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
         # one cast to the compute dtype for both up-projections (autocast would keep a copy per projection)
         x = x.to(compute_dtype_for(x, self.proj_up.weight))
-        return self.proj_down(_ACTS[self.activation](self.proj_up_gate(x)) * self.proj_up(x))
+        g = self.packed_group("up")
+        if g is None:
+            gate, up = self.proj_up_gate(x), self.proj_up(x)
+        else:
+            gate, up = g.linear(x).split(g.sizes, dim=-1)
+        return self.proj_down(_ACTS[self.activation](gate) * up)
+
+    def pack_projections(self) -> bool:
+        """Pack proj_up_gate and proj_up (see the class docstring). True when packed."""
+        return self.pack_group("up", (self.proj_up_gate, self.proj_up))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation!r}"

@@ -21,6 +21,7 @@ from .state import MLSTMBlockState
 # the unchecked entry points: the model validated its inputs once (docs/ARCHITECTURE.md)
 from ..ops.dispatch import _mlstm_step_unchecked, _mlstm_unchecked
 from ._fast import cell_call, float_gate_linear, headwise_linear
+from ._packing import PackableMixin
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm
 
@@ -84,8 +85,12 @@ def _reset_rows(state: Optional[MLSTMBlockState], resets: Optional[torch.Tensor]
     return state.map(clear)
 
 
-class MLSTMLayer(nn.Module):
+class MLSTMLayer(PackableMixin, nn.Module):
     """The mLSTM layer (everything inside the residual branch except the pre-norm).
+
+    :meth:`pack_projections` keeps igate and fgate as the two row blocks of one weight (see
+    :mod:`fastxlstm.layers._packing`), so inference skips the per-call concatenation of the two (two small
+    kernels per layer and token). proj_up is already one matmul, and q / k / v read different inputs.
 
     Args:
         embedding_dim: E.
@@ -148,6 +153,10 @@ class MLSTMLayer(nn.Module):
         nn.init.ones_(self.learnable_skip)
         nn.init.ones_(self.outnorm.weight)
 
+    def pack_projections(self) -> bool:
+        """Pack igate and fgate (see the class docstring). True when packed."""
+        return self.pack_group("gates", (self.igate, self.fgate))
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> MLSTMBlockState:
         """Fresh state: C (B, NH, DH, DH), n (B, NH, DH), m (B, NH) in float32 (float64 for a float64 model),
         conv (B, K-1, I) in ``dtype`` (default: the parameters' dtype)."""
@@ -175,8 +184,13 @@ class MLSTMLayer(nn.Module):
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
         # gate pre-activations from [q; k; v] in float32 (NH outputs each): exp(i) amplifies any bf16 rounding of
         # them. One call for both gates; it keeps no concatenated or float32 copy of q, k, v for the backward
-        gates = float_gate_linear((q, k, v), torch.cat([self.igate.weight, self.fgate.weight], dim=0),
-                                  torch.cat([self.igate.bias, self.fgate.bias], dim=0))
+        g = self.packed_group("gates")
+        if g is None:
+            w_if = torch.cat([self.igate.weight, self.fgate.weight], dim=0)
+            b_if = torch.cat([self.igate.bias, self.fgate.bias], dim=0)
+        else:
+            w_if, b_if = g.rows(0, 2)  # the same values, already side by side
+        gates = float_gate_linear((q, k, v), w_if, b_if)
         i_pre, f_pre = gates.split(NH, dim=-1)  # (B, S, NH) each
         cell_state = None if state is None else (state.C, state.n, state.m)
         if S == 1:

@@ -97,6 +97,11 @@ def _config_dict(model) -> dict:
     return d
 
 
+def _shares_storage(t: torch.Tensor) -> bool:
+    """Whether t covers less than its whole storage (a view of a larger tensor)."""
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
 def _state_tensors(model) -> Dict[str, torch.Tensor]:
     """Every state-dict key with its own contiguous CPU tensor (tied weights are written as equal copies, as
     transformers does for the 7B; safetensors refuses shared storage)."""
@@ -108,7 +113,9 @@ def _state_tensors(model) -> Dict[str, torch.Tensor]:
             raise ValueError(f"parameter {key} is on the meta device; load weights before saving")
         t = t.to("cpu")
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ptr in seen or not t.is_contiguous():
+        # a view into a larger storage (a packed layer's row block, see fastxlstm.layers._packing) is written from
+        # its own copy: safetensors refuses tensors that share storage (some versions even without overlap)
+        if ptr in seen or not t.is_contiguous() or _shares_storage(t):
             t = t.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
         out[key] = t

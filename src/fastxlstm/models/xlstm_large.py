@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..layers._fast import cell_call, compute_dtype_for, float_gate_linear
+from ..layers._packing import PackableMixin
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops.dispatch import MLSTM_BACKENDS, _mlstm_step_unchecked, _mlstm_unchecked
@@ -141,8 +142,14 @@ class _RMSNorm(RMSNorm):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-class MLSTMLargeLayer(nn.Module):
-    """The 7B's mLSTM layer at model width. Input (B, S, E) -> output (B, S, E) and the new cell state."""
+class MLSTMLargeLayer(PackableMixin, nn.Module):
+    """The 7B's mLSTM layer at model width. Input (B, S, E) -> output (B, S, E) and the new cell state.
+
+    :meth:`pack_projections` stores q, k, v, ogate_preact, igate_preact, fgate_preact (six projections of the same
+    input) as row blocks of one weight (see :mod:`fastxlstm.layers._packing`): the forward then computes them with
+    one matmul (float32 / float64 models) or two (low precision: q|k|v|o in the compute dtype, the two gates in
+    float32 as always). Same function, same parameters, no extra memory.
+    """
 
     def __init__(self, config: XLSTMLargeConfig):
         super().__init__()
@@ -165,6 +172,31 @@ class MLSTMLargeLayer(nn.Module):
                                                  force_float32=c.norm_reduction_force_float32, bias=c.use_bias)
         self.out_proj = nn.Linear(c.v_dim, E, bias=c.use_bias)
 
+    def pack_projections(self) -> bool:
+        """Pack the six input projections (see the class docstring). True when packed."""
+        return self.pack_group("proj", (self.q, self.k, self.v, self.ogate_preact, self.igate_preact,
+                                        self.fgate_preact))
+
+    def _projections(self, x: torch.Tensor):
+        """q, k, v, ogate pre-activation (compute dtype) and the gates' (B, S, 2 NH) pre-activations (float32, or
+        float64 for float64 inputs) of x (B, S, E), from the packed weight when there is one."""
+        g = self.packed_group("proj")
+        if g is None:
+            # both gates' pre-activations in one float32 call (NH outputs each; no float32 copy of x kept): exp(i)
+            # amplifies any bf16 rounding of them
+            gates = float_gate_linear((x,), torch.cat([self.igate_preact.weight, self.fgate_preact.weight], dim=0),
+                                      torch.cat([self.igate_preact.bias, self.fgate_preact.bias], dim=0))
+            return self.q(x), self.k(x), self.v(x), self.ogate_preact(x), gates
+        n_qkvo = sum(g.sizes[:4])
+        if x.dtype in (torch.float32, torch.float64) and g.weight.dtype == x.dtype:
+            # the gates come out in float32 / float64 anyway: all six in one matmul
+            y = g.linear(x)
+            q, k, v, o = y[..., :n_qkvo].split(g.sizes[:4], dim=-1)
+            return q, k, v, o, y[..., n_qkvo:]
+        q, k, v, o = g.linear(x, 0, 4).split(g.sizes[:4], dim=-1)
+        w, b = g.rows(4, 6)
+        return q, k, v, o, float_gate_linear((x,), w, b)
+
     def forward(self, x: torch.Tensor, state: Optional[MLSTMBlockState], resets: Optional[torch.Tensor],
                 backend: str, return_state: bool):
         B, S, _ = x.shape
@@ -172,13 +204,11 @@ class MLSTMLargeLayer(nn.Module):
         # one cast to the compute dtype shared by the six projections (autocast would make, and keep for the
         # backward, a copy of x per projection)
         x = x.to(compute_dtype_for(x, self.q.weight))
-        q = self.q(x).view(B, S, NH, self.qk_head_dim).transpose(1, 2)
-        k = self.k(x).view(B, S, NH, self.qk_head_dim).transpose(1, 2)
-        v = self.v(x).view(B, S, NH, self.v_head_dim).transpose(1, 2)
-        # both gates' pre-activations in one float32 call (NH outputs each; no float32 copy of x kept), soft-capped
-        # in float32: exp(i) amplifies any bf16 rounding of them
-        gates = float_gate_linear((x,), torch.cat([self.igate_preact.weight, self.fgate_preact.weight], dim=0),
-                                  torch.cat([self.igate_preact.bias, self.fgate_preact.bias], dim=0))
+        q, k, v, o_pre, gates = self._projections(x)
+        q = q.view(B, S, NH, self.qk_head_dim).transpose(1, 2)
+        k = k.view(B, S, NH, self.qk_head_dim).transpose(1, 2)
+        v = v.view(B, S, NH, self.v_head_dim).transpose(1, 2)
+        # soft-capped in float32
         gates = soft_cap(gates, self.gate_soft_cap).transpose(1, 2)  # (B, 2 NH, S)
         i, f = gates[:, :NH], gates[:, NH:]
         cell_state = None if state is None else (state.C, state.n, state.m)
@@ -200,7 +230,7 @@ class MLSTMLargeLayer(nn.Module):
             h, (C, n, m) = cell_call(self, _mlstm_unchecked, q, k, v, i, f, state=cell_state, backend=backend,
                                      chunk_size=self.chunk_size, eps=self.eps, resets=resets)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
-        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
+        y = self.out_proj(torch.sigmoid(o_pre) * h)
         return y, (MLSTMBlockState(C=C, n=n, m=m) if return_state else None)
 
 

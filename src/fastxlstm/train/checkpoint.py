@@ -104,7 +104,11 @@ def _dedupe(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[
             continue
         if key is not None:
             seen[key] = k
-        out[k] = t.detach().contiguous()
+        t = t.detach()
+        # a view into a larger storage (a packed layer's row block, see fastxlstm.layers._packing): its own copy,
+        # safetensors refuses tensors that share storage
+        shared = t.device.type != "meta" and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
     return out, aliases
 
 
