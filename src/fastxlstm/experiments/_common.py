@@ -461,6 +461,12 @@ class ModelWrap:
         else:
             self.model.compile_blocks()
 
+    def uncompile(self) -> None:
+        """Back to eager blocks (after a compile failure; ``nn.Module.compile`` only sets ``_compiled_call_impl``)."""
+        for mod in self.model.modules():
+            if getattr(mod, "_compiled_call_impl", None) is not None:
+                mod._compiled_call_impl = None
+
     def train(self, mode: bool = True):
         self.model.train(mode)
         return self

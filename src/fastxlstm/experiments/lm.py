@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
@@ -242,6 +243,7 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
     t0 = time.time()
     step = position = tokens = 0
     cut = False
+    compile_failed = None
     try:
         while step < s.steps:
             if deadline is not None and time.time() > deadline:
@@ -252,9 +254,21 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
             micros, n_valid = sampler.step_batches(position)
             mb = micros[0].to(device)
             labels = mb.targets.masked_fill(~mb.mask, -100)
-            with C.autocast_for(precision, device):
-                loss = wrap.loss_sum(mb.input_ids, labels) / max(n_valid, 1)
-            loss.backward()
+            try:
+                with C.autocast_for(precision, device):
+                    loss = wrap.loss_sum(mb.input_ids, labels) / max(n_valid, 1)
+                loss.backward()
+            except Exception as e:  # noqa: BLE001 - only a failure of torch.compile at the first step is caught
+                if not (compile_ and step == 0 and not compile_failed):
+                    raise
+                compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                print(f"lm {name}: torch.compile failed at the first step ({compile_failed}); running eager "
+                      f"blocks instead", file=sys.stderr, flush=True)
+                wrap.uncompile()
+                opt.zero_grad(set_to_none=True)
+                with C.autocast_for(precision, device):
+                    loss = wrap.loss_sum(mb.input_ids, labels) / max(n_valid, 1)
+                loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -285,6 +299,7 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"seed": seed, "steps": step, "tokens": tokens, "cut": cut, "train_seconds": round(train_s, 2),
+            "compiled": compile_ and not compile_failed, "compile_error": compile_failed,
             "tok_per_s": tokens / max(train_s, 1e-9), "final": final, "curve": curve}
 
 
@@ -301,8 +316,8 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
                          "perplexity": C.mean_std([f["perplexity"] for f in fin])}
         run0 = r["runs"][0]
         cut = any(run["cut"] for run in r["runs"])
-        rows.append([r["label"] + (" (cut)" if cut else ""), f"{r['params'] / 1e6:.2f}M",
-                     f"{100 * r['rel_to_reference']:+.1f}%", f"{run0['tokens'] / 1e6:.1f}M",
+        rows.append([r["label"] + (" (cut)" if cut else ""), f"{r['params']:,}",
+                     f"{100 * r['rel_to_reference']:+.1f}%", f"{run0['tokens']:,}",
                      C.fmt_pm([f["loss"] for f in fin], 4), C.fmt_pm([f["perplexity"] for f in fin], 3),
                      C.fmt_pm([f["bpb"] for f in fin], 4), f"{run0['tok_per_s']:,.0f}",
                      f"{run0['train_seconds']:.0f}"])
