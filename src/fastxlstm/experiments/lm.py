@@ -65,7 +65,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(width=64, blocks=4, heads=4, llama_heads=4, steps=80, batch_size=8, seq_len=128, lr=3e-3,
-                 warmup=10, eval_every=40, eval_windows=16, log_every=10, time_budget_minutes=8.0)
+                 warmup=10, eval_every=40, eval_windows=16, log_every=10, time_budget_minutes=15.0)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -55,7 +55,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(vocab=64, tasks=[(64, 8)], widths=[64], widths_for={}, steps=300, batch_size=32, lr=3e-3,
-                 warmup=30, eval_sequences=256, eval_batch=128, log_every=25, time_budget_minutes=8.0)
+                 warmup=30, eval_sequences=256, eval_batch=128, log_every=25, time_budget_minutes=15.0)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -2,20 +2,23 @@
 
 Task: a sequence of bits x_1..x_n; the label at position t is the parity of the prefix, (x_1 + ... + x_t) mod 2.
 Training lengths are uniform in 3..40 and the loss covers every position of a sequence (the prefix parities: a
-denser signal than the final label alone, so that the small step budget suffices); evaluation, as in the paper,
-scores only the label at the LAST position of sequences whose lengths are uniform in each bucket: 3-40 (the
-training lengths), 40-63, 64-127 and 128-256 (longer than anything seen in training). Scaled accuracy is
-(acc - 0.5) / 0.5: 1 solved, 0 chance.
+denser signal than the final label alone, so that the small step budget suffices); the longest training length
+grows from 20 to 40 over the first 30% of the steps (a curriculum: at 3..40 from the start, the sLSTM's jump from
+chance to 1.0 came late and at a seed-dependent step in CPU trials). Evaluation, as in the paper, scores only the
+label at the LAST position of sequences whose lengths are uniform in each bucket: 3-40 (the training lengths),
+40-63, 64-127 and 128-256 (longer than anything seen in training). Scaled accuracy is (acc - 0.5) / 0.5:
+1 solved, 0 chance. --quick trains on 3..20 (no curriculum) and tests on 3-20, 21-40, 41-128 and 129-256.
 
-Models, all with 2 blocks of the same width: xLSTM[0:1] (two sLSTM blocks), xLSTM[1:1] (mLSTM then sLSTM),
+Models, all with 2 blocks of width 64 (4 heads): xLSTM[0:1] (two sLSTM blocks), xLSTM[1:1] (mLSTM then sLSTM),
 xLSTM[1:0] (two mLSTM blocks) and transformers' LlamaForCausalLM with 2 layers of that width, its FFN width set
 to match xLSTM[1:1]'s parameter count. Vocabulary: the two bits (the model's logits over {0, 1} are the
 prediction). The paper: models with sLSTM blocks reach scaled accuracy ~1.0 on the long lengths; mLSTM-only models,
 Mamba and Transformers stay near chance there.
 
-Training: AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices), the trainer's warmup + cosine schedule,
-gradient clipping at 1; bf16 autocast on CUDA. No torch.compile here: the models are tiny and the lengths vary
-from batch to batch, so compiling would cost more than it saves.
+Training: AdamW (lr 1e-2, betas 0.9 / 0.95, weight decay 0.1 on matrices), the trainer's warmup + cosine
+schedule, gradient clipping at 1, batch 128, 1,000 steps, seeds 0, 1, 2; bf16 autocast on CUDA. No
+torch.compile here: the models are tiny and the lengths vary from batch to batch, so compiling would cost more
+than it saves.
 """
 from __future__ import annotations
 
@@ -36,14 +39,18 @@ VOCAB = 2
 
 @dataclass
 class Settings:
-    width: int = 128
+    width: int = 64
     blocks: int = 2
     heads: int = 4
     steps: int = 1000
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup: int = 50
     train_lengths: Tuple[int, int] = (3, 40)
+    # length curriculum: the longest training length grows linearly from curriculum_start to train_lengths[1]
+    # over the first curriculum_fraction of the steps (None: none)
+    curriculum_start: Optional[int] = 20
+    curriculum_fraction: float = 0.3
     buckets: List[Tuple[int, int]] = field(default_factory=lambda: [(3, 40), (40, 63), (64, 127), (128, 256)])
     eval_per_bucket: int = 1024
     eval_batch: int = 256
@@ -58,13 +65,14 @@ FULL = Settings()
 #: sLSTM's jump from ~0.5 to 1.0 accuracy came after 200 to 400+ steps of 32 depending on the seed, at 3..20 within
 #: ~100 (measured); the test buckets go to 256 all the same
 QUICK = Settings(width=64, steps=250, batch_size=32, lr=1e-2, warmup=30, train_lengths=(3, 20),
+                 curriculum_start=None,
                  buckets=[(3, 20), (21, 40), (41, 128), (129, 256)], eval_per_bucket=128, eval_batch=128,
-                 log_every=25, time_budget_minutes=8.0, seeds=(0,))
+                 log_every=25, time_budget_minutes=15.0, seeds=(0,))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     C.add_common_args(p, TASK, MODELS, "0,1,2")
-    p.add_argument("--width", type=int, default=None, metavar="N", help="model width (default: 128; --quick 64)")
+    p.add_argument("--width", type=int, default=None, metavar="N", help="model width (default: 64)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,6 +114,15 @@ def model_specs(s: Settings, names: List[str]) -> Dict[str, _Spec]:
                                         max_positions=max(hi for _, hi in s.buckets) + 1, multiple_of=4)
         specs["llama"] = _Spec("llama", cfg, n)
     return {n: specs[n] for n in names}
+
+
+def train_lengths_at(s: Settings, step: int) -> Tuple[int, int]:
+    """The range of training lengths at ``step`` (the curriculum's, or ``s.train_lengths``)."""
+    lo, hi = s.train_lengths
+    if s.curriculum_start is None or s.curriculum_start >= hi:
+        return lo, hi
+    ramp = max(1.0, s.curriculum_fraction * s.steps)
+    return lo, min(hi, int(round(s.curriculum_start + (hi - s.curriculum_start) * min(1.0, step / ramp))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +203,7 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
             gen = torch.Generator().manual_seed(seed)
 
             def make_batch(step, gen=gen):
-                bits, labels, _ = parity_batch(gen, s.batch_size, s.train_lengths)
+                bits, labels, _ = parity_batch(gen, s.batch_size, train_lengths_at(s, step))
                 return bits.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
             o = C.train_token_task(wrap, make_batch, s.steps, s.lr, device, precision, deadline.next_run(),
