@@ -112,3 +112,13 @@ def test_deadline_shares_time_left():
     d = C.Deadline(1.0, 4)
     t = d.next_run() - time.time()
     assert 10 < t <= 15.5
+
+
+def test_parity_curriculum():
+    s = parity.FULL
+    assert s.train_lengths == (3, 40)                       # the paper's training lengths
+    at = [parity.train_lengths_at(s, t)[1] for t in range(s.steps)]
+    assert at[0] == 20 and at[int(0.25 * s.steps) - 1] == 20
+    assert all(b >= a for a, b in zip(at, at[1:]))          # grows monotonically ...
+    assert at[int(0.4 * s.steps)] == 40 and at[-1] == 40     # ... to 40 and stays there
+    assert parity.train_lengths_at(parity.QUICK, 0) == (3, 20) == parity.train_lengths_at(parity.QUICK, 249)

@@ -14,8 +14,10 @@ Full mode (one H200, ~4-5 minutes per model): width 512; xLSTM[1:0] and [7:1] wi
 the 7B architecture with 8 blocks, the Llama with 8 layers (FFN 1408); 1,500 steps of 32 x 512 tokens
 (24.6M tokens, about 0.8 epoch of the default corpus), AdamW (lr 2e-3, betas 0.9 / 0.95, weight decay 0.1 on
 matrices), 100 warmup steps then cosine to 10%, gradient clipping at 1; bf16 autocast, every block compiled
-(``compile_blocks``; the Llama's decoder layers likewise) and our chunked loss on CUDA. The paper, for scale: at
-350M parameters and 15B tokens of SlimPajama, perplexity 13.43 (xLSTM[1:0]) against 14.25 (Llama).
+(``compile_blocks``; the Llama's decoder layers likewise) and our chunked loss on CUDA. Each model run is capped at
+4.25 minutes (``--time-budget-minutes`` overrides the total), so two models per process stay under 9 minutes.
+The paper, for scale: at 350M parameters and 15B tokens of SlimPajama, perplexity 13.43 (xLSTM[1:0]) against
+14.25 (Llama).
 
 Data: the trainer's default corpus (this Python's standard library as bytes, its fixed held-out split), or
 ``--data PATH`` with ``--tokenizer`` as ``fastxlstm train`` reads them. Every model sees the windows as plain
@@ -59,13 +61,14 @@ class Settings:
     eval_every: int = 250
     eval_windows: int = 128
     log_every: int = 25
-    time_budget_minutes: Optional[float] = 8.5
+    time_budget_minutes: Optional[float] = None   # None: minutes_per_run x the runs of this invocation
+    minutes_per_run: float = 4.25
     compile: Optional[bool] = None   # None: on CUDA
 
 
 FULL = Settings()
 QUICK = Settings(width=64, blocks=4, heads=4, llama_heads=4, steps=80, batch_size=8, seq_len=128, lr=3e-3,
-                 warmup=10, eval_every=40, eval_windows=16, log_every=10, time_budget_minutes=15.0)
+                 warmup=10, eval_every=40, eval_windows=16, log_every=10, minutes_per_run=5.0)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +173,8 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
     s = settings_from(ns)
     import torch
     seeds = C.parse_seeds(ns.seeds, (0,))
+    if s.time_budget_minutes is None:
+        s.time_budget_minutes = s.minutes_per_run * len(names) * len(seeds)
     device = C.pick_device(ns.device)
     precision = C.pick_precision(ns.precision, device)
     compile_ = s.compile if s.compile is not None else device.type == "cuda"

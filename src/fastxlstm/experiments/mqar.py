@@ -274,7 +274,7 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
                 cells.append("-")
                 continue
             cell = C.fmt_pm([x["acc"] for x in rs], 3) + (" (cut)" if any(x["cut"] for x in rs) else "")
-            cells.append(f"{cell} [{rs[0]['params'] / 1e6:.2f}M]")
+            cells.append(f"{cell} [{rs[0]['params']:,}]")
         rows.append([r["label"]] + cells)
     steps = sorted({run["steps"] for r in res.values() for run in r["runs"]})
     secs = sum(run["train_seconds"] for r in res.values() for run in r["runs"])
