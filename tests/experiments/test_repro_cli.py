@@ -61,9 +61,10 @@ def test_mqar_quick_recalls(tmp_path):
                  "--time-budget-minutes", "60"]) == 0
     res, md = _files_ok(out, "mqar.png", ["xlstm-1-0", "llama"])
     chance = res["chance"]
-    best = max(run["acc"] for r in res["models"].values() for run in r["runs"])
-    # measured on the quick setting (vocabulary 64: chance 1/32): see docs/REPRODUCTIONS.md
-    assert best > 8 * chance, {n: [x["acc"] for x in r["runs"]] for n, r in res["models"].items()}
+    accs = {n: r["runs"][0]["acc"] for n, r in res["models"].items()}
+    # measured on the quick setting (vocabulary 64: chance 1/32 = 0.031): xLSTM[1:0] 0.265, Llama 0.183
+    # (docs/REPRODUCTIONS.md); a pipeline with misplaced targets stays at chance
+    assert max(accs.values()) > 5 * chance and min(accs.values()) > 2.5 * chance, accs
     # python -m fastxlstm.experiments.mqar takes the same options
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "fastxlstm.experiments.mqar", "--report-only", "--out", out],
