@@ -119,3 +119,21 @@ def test_repro_errors(args, msg, tmp_path, capsys):
 def test_report_only_needs_a_run(tmp_path, capsys):
     assert main(["repro", "parity", "--report-only", "--out", str(tmp_path)]) == 2
     assert "no models/ folder" in capsys.readouterr().err
+
+
+def test_lm_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):
+    from fastxlstm.experiments import _common as C
+
+    def broken_compile(self):
+        def fail(*args, **kwargs):
+            raise RuntimeError("simulated Inductor failure")
+        for layer in self.model.model.layers:
+            layer._compiled_call_impl = fail
+
+    monkeypatch.setattr(C.ModelWrap, "compile", broken_compile)
+    out = str(tmp_path / "lm")
+    assert main(["repro", "lm", "--quick", "--steps", "3", "--compile", "--models", "llama", "--out", out,
+                 "--no-progress"]) == 0
+    run = json.load(open(os.path.join(out, "results.json")))["models"]["llama"]["runs"][0]
+    assert run["steps"] == 3 and not run["compiled"]
+    assert "simulated Inductor failure" in run["compile_error"]

@@ -242,13 +242,28 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
         metrics.write(rec)
         return rec
 
-    curve = [evaluate(0, 0)]
+    compile_failed = None
+
+    def fall_back(e: Exception) -> str:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"lm {name}: torch.compile failed ({msg}); running eager blocks instead", file=sys.stderr, flush=True)
+        wrap.uncompile()
+        opt.zero_grad(set_to_none=True)
+        return msg
+
+    try:
+        first = evaluate(0, 0)
+    except Exception as e:  # noqa: BLE001 - a compile failure at the first (compiled) call; anything else re-raises
+        if not compile_:
+            raise
+        compile_failed = fall_back(e)
+        first = evaluate(0, 0)
+    curve = [first]
     wrap.train(True)
     bar = C.progress_bar(progress, s.steps, f"{LABELS[name]} seed {seed}")
     t0 = time.time()
     step = position = tokens = 0
     cut = False
-    compile_failed = None
     try:
         while step < s.steps:
             if deadline is not None and time.time() > deadline:
@@ -266,11 +281,7 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
             except Exception as e:  # noqa: BLE001 - only a failure of torch.compile at the first step is caught
                 if not (compile_ and step == 0 and not compile_failed):
                     raise
-                compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                print(f"lm {name}: torch.compile failed at the first step ({compile_failed}); running eager "
-                      f"blocks instead", file=sys.stderr, flush=True)
-                wrap.uncompile()
-                opt.zero_grad(set_to_none=True)
+                compile_failed = fall_back(e)
                 with C.autocast_for(precision, device):
                     loss = wrap.loss_sum(mb.input_ids, labels) / max(n_valid, 1)
                 loss.backward()
