@@ -16,7 +16,9 @@ prediction). The paper: models with sLSTM blocks reach scaled accuracy ~1.0 on t
 Mamba and Transformers stay near chance there.
 
 Training: AdamW (lr 1e-2, betas 0.9 / 0.95, weight decay 0.1 on matrices), the trainer's warmup + cosine
-schedule, gradient clipping at 1, batch 128, 1,000 steps, seeds 0, 1, 2; bf16 autocast on CUDA. No
+schedule, gradient clipping at 1, batch 32, 1,500 steps, seeds 0, 1, 2; bf16 autocast on CUDA. Whether and when
+the sLSTM finds the solution depends on the seed: in CPU trials of this recipe (1,000 steps), seed 0 solved it
+(0.999 at lengths 128-256) and seed 1 stayed on a plateau (loss ~0.12); with batch 128, seed 0 did not solve it. No
 torch.compile here: the models are tiny and the lengths vary from batch to batch, so compiling would cost more
 than it saves.
 """
@@ -42,8 +44,8 @@ class Settings:
     width: int = 64
     blocks: int = 2
     heads: int = 4
-    steps: int = 1000
-    batch_size: int = 128
+    steps: int = 1500
+    batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 50
     train_lengths: Tuple[int, int] = (3, 40)
