@@ -42,7 +42,7 @@ class Settings:
     widths_for: Dict[str, List[int]] = field(default_factory=lambda: {"512x64": [256]})
     blocks: int = 2
     heads: int = 4
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
