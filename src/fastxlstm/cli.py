@@ -277,8 +277,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         from .experiments import TASKS
         for task in TASKS:
             mod = importlib.import_module(f".experiments.{task}", __package__)
-            tp = rsub.add_parser(task, help=(mod.__doc__ or "").split("\n", 1)[0], formatter_class=_Formatter,
-                                 description=mod.__doc__)
+            tp = rsub.add_parser(task, help=mod.HELP, formatter_class=_Formatter, description=mod.__doc__)
             mod.add_args(tp)
 
     sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 from . import _common as C
 
 TASK = "lm"
+HELP = "language modelling at equal parameters and tokens: xLSTM[1:0], [7:1], 7B arch., Llama"
 MODELS = ("xlstm-1-0", "xlstm-7-1", "xlstm-7b", "llama")
 LABELS = {"xlstm-1-0": "xLSTM[1:0]", "xlstm-7-1": "xLSTM[7:1]", "xlstm-7b": "xLSTM-7B arch.", "llama": "Llama"}
 REFERENCE = "xlstm-1-0"   # the other models' parameter counts are matched to this one's

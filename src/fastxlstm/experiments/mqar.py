@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import _common as C
 
 TASK = "mqar"
+HELP = "multi-query associative recall (Zoology setting) over model widths"
 MODELS = ("xlstm-1-0", "xlstm-1-1", "llama")
 LABELS = {"xlstm-1-0": "xLSTM[1:0]", "xlstm-1-1": "xLSTM[1:1]", "llama": "Llama"}
 RATIOS = {"xlstm-1-0": (1, 0), "xlstm-1-1": (1, 1)}

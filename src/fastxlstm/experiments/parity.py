@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import _common as C
 
 TASK = "parity"
+HELP = "state tracking: sLSTM vs mLSTM vs Llama on parity, tested on longer sequences"
 MODELS = ("xlstm-0-1", "xlstm-1-1", "xlstm-1-0", "llama")
 LABELS = {"xlstm-0-1": "xLSTM[0:1]", "xlstm-1-1": "xLSTM[1:1]", "xlstm-1-0": "xLSTM[1:0]", "llama": "Llama"}
 RATIOS = {"xlstm-0-1": (0, 1), "xlstm-1-1": (1, 1), "xlstm-1-0": (1, 0)}
