@@ -10,7 +10,7 @@ bits per byte, curves against tokens in one plot):
 - Llama: transformers' ``LlamaForCausalLM`` (SDPA attention) at the same width and the 7B architecture's depth,
   its FFN width chosen to match the parameter count.
 
-Full mode (one H200, ~4-5 minutes per model): width 512; xLSTM[1:0] and [7:1] with 16 blocks (26.0M parameters),
+Full mode (one H200, at most ~4 minutes per model): width 512; xLSTM[1:0] and [7:1] with 16 blocks (26.0M parameters),
 the 7B architecture with 8 blocks, the Llama with 8 layers (FFN 1408); 1,500 steps of 32 x 512 tokens
 (24.6M tokens, about 0.8 epoch of the default corpus), AdamW (lr 2e-3, betas 0.9 / 0.95, weight decay 0.1 on
 matrices), 100 warmup steps then cosine to 10%, gradient clipping at 1; bf16 autocast, every block compiled
