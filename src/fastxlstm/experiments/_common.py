@@ -357,7 +357,6 @@ def large_config(width: int, num_layers: int, vocab_size: int, *, num_heads: int
 
 def _require_transformers():
     try:
-        import transformers  # noqa: F401
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         raise ExperimentError(f"the Llama baseline needs transformers ({e}): pip install 'fastxlstm[hf]' "

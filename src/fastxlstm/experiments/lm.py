@@ -10,8 +10,8 @@ bits per byte, curves against tokens in one plot):
 - Llama: transformers' ``LlamaForCausalLM`` (SDPA attention) at the same width and the 7B architecture's depth,
   its FFN width chosen to match the parameter count.
 
-Full mode (one H200, at most ~4 minutes per model): width 512; xLSTM[1:0] and [7:1] with 16 blocks (26.0M parameters),
-the 7B architecture with 8 blocks, the Llama with 8 layers (FFN 1408); 1,500 steps of 32 x 512 tokens
+Full mode (one H200, at most ~4 minutes per model): width 512; xLSTM[1:0] and [7:1] with 16 blocks (26.0M
+parameters), the 7B architecture with 8 blocks, the Llama with 8 layers (FFN 1408); 1,500 steps of 32 x 512 tokens
 (24.6M tokens, about 0.8 epoch of the default corpus), AdamW (lr 2e-3, betas 0.9 / 0.95, weight decay 0.1 on
 matrices), 100 warmup steps then cosine to 10%, gradient clipping at 1; bf16 autocast, every block compiled
 (``compile_blocks``; the Llama's decoder layers likewise) and our chunked loss on CUDA. Each model run is capped at
@@ -173,7 +173,6 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
     if ns.report_only:
         return report(rd, print_table=True)
     s = settings_from(ns)
-    import torch
     seeds = C.parse_seeds(ns.seeds, (0,))
     if s.time_budget_minutes is None:
         s.time_budget_minutes = s.minutes_per_run * len(names) * len(seeds)
@@ -313,7 +312,6 @@ def _train_one(name, spec, s: Settings, seed: int, tok, corpus, device, precisio
     train_s = time.time() - t0
     final = evaluate(step, tokens)
     curve.append(final)
-    del model, wrap, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"seed": seed, "steps": step, "tokens": tokens, "cut": cut, "train_seconds": round(train_s, 2),

@@ -4,10 +4,10 @@ Task: a sequence of bits x_1..x_n; the label at position t is the parity of the 
 Training lengths are uniform in 3..40 and the loss covers every position of a sequence (the prefix parities: a
 denser signal than the final label alone, so that the small step budget suffices); the longest training length
 is 20 for the first 25% of the steps and grows to 40 over the next 15% (a curriculum: at 3..40 from the start, the
-sLSTM's jump from chance to 1.0 came late and at a seed-dependent step in CPU trials; at 3..20 within ~100 steps). Evaluation, as in the paper, scores only the
-label at the LAST position of sequences whose lengths are uniform in each bucket: 3-40 (the training lengths),
-40-63, 64-127 and 128-256 (longer than anything seen in training). Scaled accuracy is (acc - 0.5) / 0.5:
-1 solved, 0 chance. --quick trains on 3..20 (no curriculum) and tests on 3-20, 21-40, 41-128 and 129-256.
+sLSTM's jump from chance to 1.0 came late and at a seed-dependent step in CPU trials; at 3..20 within ~100
+steps). Evaluation, as in the paper, scores only the label at the LAST position of sequences whose lengths are
+uniform in each bucket: 3-40 (the training lengths), 40-63, 64-127 and 128-256 (longer than anything seen in
+training). Scaled accuracy is (acc - 0.5) / 0.5: 1 solved, 0 chance. --quick trains on 3..20 (no curriculum) and tests on 3-20, 21-40, 41-128 and 129-256.
 
 Models, all with 2 blocks of width 64 (4 heads): xLSTM[0:1] (two sLSTM blocks), xLSTM[1:1] (mLSTM then sLSTM),
 xLSTM[1:0] (two mLSTM blocks) and transformers' LlamaForCausalLM with 2 layers of that width, its FFN width set
