@@ -1,4 +1,4 @@
-"""Command line: ``fastxlstm train | generate | chat | eval | convert | serve | presets`` (also
+"""Command line: ``fastxlstm train | generate | chat | eval | convert | serve | repro | presets`` (also
 ``python -m fastxlstm``).
 
     fastxlstm train                                   # small xLSTM on the Python standard library, ~5 min on CPU
@@ -8,6 +8,7 @@
     fastxlstm eval --model runs/latest                # held-out split of the default corpus
     fastxlstm convert hf-dir out-dir --to fastxlstm
     fastxlstm serve --model runs/latest               # OpenAI-compatible HTTP API on 127.0.0.1:8000
+    fastxlstm repro parity --quick                    # a claim of the paper, rerun (parity | mqar | lm)
     torchrun --nproc-per-node 2 -m fastxlstm train --preset 125m --device cuda
 
 Usage errors (bad flags, missing data, unknown preset, corrupt checkpoint) print one line and exit with code 2;
@@ -264,6 +265,20 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     v.add_argument("--decode", default="auto", choices=["auto", "eager", "graph"],
                    help="decode steps as a CUDA graph or eagerly (default: auto = graph on CUDA when available)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    r = sub.add_parser("repro", help="rerun one of the paper's claims: parity, mqar or lm (docs/REPRODUCTIONS.md)",
+                       formatter_class=_Formatter,
+                       description="Rerun an experiment of the xLSTM paper and write its run directory (config,\n"
+                                   "metrics.jsonl, results.json, a plot and a markdown table). --quick: a few\n"
+                                   "minutes on a CPU; without it, the full setting for one GPU.")
+    rsub = r.add_subparsers(dest="task", metavar="TASK", parser_class=_Parser)
+    if command in (None, "repro"):
+        import importlib
+        from .experiments import TASKS
+        for task in TASKS:
+            mod = importlib.import_module(f".experiments.{task}", __package__)
+            tp = rsub.add_parser(task, help=mod.HELP, formatter_class=_Formatter, description=mod.__doc__)
+            mod.add_args(tp)
 
     sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
                    description="List the model presets accepted by 'fastxlstm train --preset'.")
@@ -634,6 +649,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repro(ns: argparse.Namespace) -> int:
+    if getattr(ns, "task", None) is None:
+        from .experiments import TASKS
+        raise UsageError(f"name a task: {', '.join(TASKS)} (e.g. fastxlstm repro parity --quick)")
+    import importlib
+    importlib.import_module(f".experiments.{ns.task}", __package__).run(ns)
+    return 0
+
+
 def cmd_presets(ns: argparse.Namespace) -> int:
     from .models.presets import list_presets
     from .train.config import TrainConfig
@@ -654,11 +678,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command is None:
             parser.print_help()
             return 2
-        if ns.command in ("train", "generate", "eval", "chat", "convert", "serve"):
+        if ns.command in ("train", "generate", "eval", "chat", "convert", "serve", "repro"):
             from .runtime import configure_cpu  # before torch is imported: the OpenMP wait policy
             configure_cpu(getattr(ns, "threads", None))
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
-                "convert": cmd_convert, "serve": cmd_serve, "presets": cmd_presets}[ns.command](ns)
+                "convert": cmd_convert, "serve": cmd_serve, "repro": cmd_repro,
+                "presets": cmd_presets}[ns.command](ns)
     except BrokenPipeError:
         # `fastxlstm generate ... | head`: the reader has gone; stop quietly like other Unix tools
         try:
@@ -693,7 +718,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def argv_command(argv: Optional[List[str]]) -> str:
     args = sys.argv[1:] if argv is None else argv
     for a in args:
-        if a in ("train", "generate", "eval", "chat", "convert", "serve", "presets"):
+        if a in ("train", "generate", "eval", "chat", "convert", "serve", "repro", "presets"):
             return a
     return ""
 
