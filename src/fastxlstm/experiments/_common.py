@@ -573,6 +573,22 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def unique(items: Sequence[Any]) -> List[Any]:
+    """The non-empty items in first-seen order, without repeats (items may be unhashable, e.g. dicts)."""
+    out: List[Any] = []
+    for h in items:
+        if h and h not in out:
+            out.append(h)
+    return out
+
+
+def runs_line(res: Dict[str, Any]) -> str:
+    """'Steps per run: ...; training time of all runs ... s.' over every run of every model in ``res``."""
+    steps = sorted({run["steps"] for r in res.values() for run in r["runs"]})
+    secs = sum(run["train_seconds"] for r in res.values() for run in r["runs"])
+    return f"Steps per run: {', '.join(map(str, steps))}; training time of all runs {secs:.0f} s.\n"
+
+
 def footer(results: Dict[str, Any]) -> str:
     """Hardware, seeds and time of the runs in a report (one line each per invocation seen)."""
     lines = []

@@ -264,7 +264,7 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
                for name, r in res.items()}
     vocab = next(iter(res.values()))["settings"]["vocab"]
     results = {"task": TASK, "vocab": vocab, "chance": 2 / vocab, "models": res, "summary": summary,
-               "hardware": _unique([r.get("hardware") for r in res.values()])}
+               "hardware": C.unique([r.get("hardware") for r in res.values()])}
     header = ["model"] + [f"S={S}, {N} pairs, width {w}" for S, N, w in cols]
     rows = []
     for name, r in res.items():
@@ -277,26 +277,16 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
             cell = C.fmt_pm([x["acc"] for x in rs], 3) + (" (cut)" if any(x["cut"] for x in rs) else "")
             cells.append(f"{cell} [{rs[0]['params']:,}]")
         rows.append([r["label"]] + cells)
-    steps = sorted({run["steps"] for r in res.values() for run in r["runs"]})
-    secs = sum(run["train_seconds"] for r in res.values() for run in r["runs"])
     seeds = sorted({run["seed"] for r in res.values() for run in r["runs"]})
     md = (f"MQAR: accuracy at the query positions (vocabulary {vocab}, chance {2 / vocab:.4f}; [parameters]; mean ± "
           f"std over seeds {', '.join(map(str, seeds))}).\n\n" + C.md_table(header, rows) +
-          f"\nSteps per run: {', '.join(map(str, steps))}; training time of all runs {secs:.0f} s.\n"
-          + C.footer(results))
+          "\n" + C.runs_line(res) + C.footer(results))
     rd.write_report(results, md, res)
     _plot(rd.path, res, cols)
     if print_table:
         print(md, end="")
     return results
 
-
-def _unique(items):
-    out = []
-    for h in items:
-        if h and h not in out:
-            out.append(h)
-    return out
 
 
 def _plot(out: str, res: Dict[str, Any], cols) -> None:

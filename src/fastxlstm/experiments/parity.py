@@ -248,7 +248,7 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
         summary[name] = {b: {"acc": C.mean_std([run["buckets"][b]["acc"] for run in r["runs"]]),
                              "scaled": C.mean_std([run["buckets"][b]["scaled"] for run in r["runs"]])}
                          for b in buckets}
-    hardware = _unique([r.get("hardware") for r in res.values()])
+    hardware = C.unique([r.get("hardware") for r in res.values()])
     results = {"task": TASK, "buckets": buckets, "models": res, "summary": summary, "hardware": hardware}
     header = ["model", "parameters", "seeds"] + [f"len {b}" + (" (train)" if i == 0 else "")
                                                  for i, b in enumerate(buckets)] + \
@@ -261,26 +261,16 @@ def report(rd: C.RunDir, print_table: bool = False) -> Dict[str, Any]:
                     [C.fmt_pm([run["buckets"][b]["scaled"] for run in r["runs"]]) for b in buckets] +
                     [C.fmt_pm([run["buckets"][buckets[0]].get("acc_all_positions", float("nan"))
                                for run in r["runs"]])])
-    steps = {run["steps"] for r in res.values() for run in r["runs"]}
-    secs = sum(run["train_seconds"] for r in res.values() for run in r["runs"])
     md = ("Parity: scaled accuracy (acc - 0.5) / 0.5 of the label at the last position, per test-length bucket "
           "(mean ± std over seeds; 1 = solved, 0 = chance); last column: plain accuracy over every position (the "
           "prefix parities) at the training lengths.\n\n" + C.md_table(header, rows) +
-          f"\nSteps per run: {', '.join(str(x) for x in sorted(steps))}; training time of all runs {secs:.0f} s.\n"
-          + C.footer(results))
+          "\n" + C.runs_line(res) + C.footer(results))
     rd.write_report(results, md, res)
     _plot(rd.path, res, buckets)
     if print_table:
         print(md, end="")
     return results
 
-
-def _unique(items):
-    out = []
-    for h in items:
-        if h and h not in out:
-            out.append(h)
-    return out
 
 
 def _plot(out: str, res: Dict[str, Any], buckets: List[str]) -> None:

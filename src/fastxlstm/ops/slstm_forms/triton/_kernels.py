@@ -139,6 +139,23 @@ def _gates(pi, pf, pz, po, c_prev, n_prev, m_prev):
     return lf, m_new, ip, fp, z, og, c, n
 
 
+@triton.jit
+def _gate_grads(dh, dc, dn, pi, pf, pz, po, c_prev, n_prev, m_prev):
+    """One backward step of the stabilised update, elementwise: given dL/dh_t (dh) and the carried dL/dc_t, dL/dn_t
+    (dc, dn) and the step's pre-activations and previous state, returns the carried gradients to c_{t-1}, n_{t-1}
+    and the four pre-activation gradients (d_i, d_f, d_z, d_o)."""
+    lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
+    pos = n > 0.0
+    safe = tl.where(pos, n, 1.0)
+    dc_t = dc + dh * og / safe
+    dn_t = dn - tl.where(pos, dh * og * c / (safe * safe), 0.0)
+    d_o = dh * (c / safe) * og * (1.0 - og)
+    d_z = dc_t * ip * (1.0 - z * z)
+    d_i = (dc_t * z + dn_t) * ip
+    d_f = (dc_t * c_prev + dn_t * n_prev) * fp * _sigmoid(-pf)
+    return dc_t * fp, dn_t * fp, d_i, d_f, d_z, d_o
+
+
 # ------------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------------
@@ -284,17 +301,9 @@ def _bwd_kernel(g_ptr, st_ptr, rst_ptr, RT_ptr, dh_ptr, dg_ptr, cr_ptr, B, S, NH
             if HAS_RESET:
                 c_prev = tl.where(keep[:, None], c_prev, 0.0)
                 n_prev = tl.where(keep[:, None], n_prev, 0.0)
-            lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
-            pos = n > 0.0
-            safe = tl.where(pos, n, 1.0)
-            dc_t = dc + dh * og / safe
-            dn_t = dn - tl.where(pos, dh * og * c / (safe * safe), 0.0)
-            d_o = dh * (c / safe) * og * (1.0 - og)
-            d_z = dc_t * ip * (1.0 - z * z)
-            d_i = (dc_t * z + dn_t) * ip
-            d_f = (dc_t * c_prev + dn_t * n_prev) * fp * _sigmoid(-pf)
-            tl.store(cr_ptr + so, dc_t * fp, mask=rm2)
-            tl.store(cr_ptr + plane + so, dn_t * fp, mask=rm2)
+            dc_c, dn_c, d_i, d_f, d_z, d_o = _gate_grads(dh, dc, dn, pi, pf, pz, po, c_prev, n_prev, m_prev)
+            tl.store(cr_ptr + so, dc_c, mask=rm2)
+            tl.store(cr_ptr + plane + so, dn_c, mask=rm2)
             tl.store(dg_ptr + xo, d_i, mask=rm2)
             tl.store(dg_ptr + xo + GS, d_f, mask=rm2)
             tl.store(dg_ptr + xo + 2 * GS, d_z, mask=rm2)
@@ -480,17 +489,9 @@ def _bwd_split_kernel(g_ptr, st_ptr, rst_ptr, RT_ptr, dh_ptr, dg_ptr, cr_ptr, cn
                     keep = (tl.load(rst_ptr + rows * S + t, mask=rmask, other=0) == 0)[:, None]
                     c_prev = tl.where(keep, c_prev, 0.0)
                     n_prev = tl.where(keep, n_prev, 0.0)
-                lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
-                pos = n > 0.0
-                safe = tl.where(pos, n, 1.0)
-                dc_t = dc + dh * og / safe
-                dn_t = dn - tl.where(pos, dh * og * c / (safe * safe), 0.0)
-                d_o = dh * (c / safe) * og * (1.0 - og)
-                d_z = dc_t * ip * (1.0 - z * z)
-                d_i = (dc_t * z + dn_t) * ip
-                d_f = (dc_t * c_prev + dn_t * n_prev) * fp * _sigmoid(-pf)
-                tl.store(cr_ptr + so, dc_t * fp, mask=rm2)
-                tl.store(cr_ptr + plane + so, dn_t * fp, mask=rm2)
+                dc_c, dn_c, d_i, d_f, d_z, d_o = _gate_grads(dh, dc, dn, pi, pf, pz, po, c_prev, n_prev, m_prev)
+                tl.store(cr_ptr + so, dc_c, mask=rm2)
+                tl.store(cr_ptr + plane + so, dn_c, mask=rm2)
                 tl.store(dg_ptr + xo, d_i, mask=rm2)
                 tl.store(dg_ptr + xo + GS, d_f, mask=rm2)
                 tl.store(dg_ptr + xo + 2 * GS, d_z, mask=rm2)
