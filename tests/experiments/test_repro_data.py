@@ -122,3 +122,55 @@ def test_parity_curriculum():
     assert all(b >= a for a, b in zip(at, at[1:]))          # grows monotonically ...
     assert at[int(0.4 * s.steps)] == 40 and at[-1] == 40     # ... to 40 and stays there
     assert parity.train_lengths_at(parity.QUICK, 0) == (3, 20) == parity.train_lengths_at(parity.QUICK, 249)
+
+
+@pytest.mark.parametrize("kind", ["xlstm", "llama"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_sparse_loss_equals_the_full_logits_loss(kind, tie):
+    """MQAR's loss applies the LM head at the labelled positions only (ModelWrap.logits_at): the same loss,
+    gradients and argmax as the full (B, S, V) logits, for our model and the Llama, tied head or not."""
+    if kind == "llama":
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = C.xlstm_lm_config((1, 1), 32, 2, 64, tie_weights=tie)
+    if kind == "llama":
+        cfg, _ = C.llama_config_matched(C.meta_params(cfg), 32, 2, 4, 64, max_positions=64, tie=tie)
+    model = C.build_model(cfg).double()
+    wrap = C.ModelWrap(model, kind)
+    x, y = mqar.mqar_batch(torch.Generator().manual_seed(1), 3, 64, 8, 64)
+    params = [p for p in model.parameters()]
+    full = wrap.loss_sum(x, y)
+    g_full = torch.autograd.grad(full, params, allow_unused=True)
+    wrap.sparse_loss = True
+    sparse = wrap.loss_sum(x, y)
+    g_sparse = torch.autograd.grad(sparse, params, allow_unused=True)
+    # (both models return float32 logits, so the full path rounds to float32: ~1e-7 relative)
+    assert abs(float(sparse) / float(full) - 1) < 1e-6
+    n = 0
+    for a, b in zip(g_sparse, g_full):
+        if b is None:
+            continue
+        n += 1
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())
+    assert n >= 10
+    m = y != -100
+    with torch.no_grad():
+        assert torch.equal(wrap.logits_at(x, m).argmax(-1), wrap.logits(x)[m].argmax(-1))
+    assert type(model.lm_head).__name__ == "Linear"                  # the head is back after logits_at
+
+
+def test_mqar_full_recipe_and_curriculum():
+    s = mqar.FULL
+    assert s.vocab == 8192 and (256, 16) in s.tasks and s.tie_weights
+    # stages: S/4 x N/4 until 20% of the steps, S/2 x N/2 until 40%, then the task itself
+    assert [mqar.task_at(s, k, 256, 16) for k in (0, 299, 300, 599, 600, 1499)] == \
+        [(64, 4), (64, 4), (128, 8), (128, 8), (256, 16), (256, 16)]
+    assert mqar.task_at(s, 0, 512, 64) == (128, 16)
+    q = mqar.QUICK
+    assert q.curriculum == () and mqar.task_at(q, 0, 64, 8) == (64, 8)
+    # the tied head reaches the models: fewer parameters than untied by one V x width matrix, for all three
+    untied = mqar.Settings(tie_weights=False)
+    for name in mqar.MODELS:
+        _, n_tied = mqar.model_config(name, s, 64, 256)
+        _, n_untied = mqar.model_config(name, untied, 64, 256)
+        assert abs((n_untied - n_tied) - 8192 * 64) < 0.01 * n_untied, name

@@ -420,6 +420,8 @@ class ModelWrap:
         self.model = model
         self.kind = kind  # "xlstm" (ours) or "llama"
         self.fast_loss = False
+        # loss_sum through logits_at: the head only at the labelled positions (for tasks with few of them)
+        self.sparse_loss = False
 
     @property
     def is_llama(self) -> bool:
@@ -430,8 +432,29 @@ class ModelWrap:
             return self.model(input_ids=ids, use_cache=False).logits.float()
         return self.model(ids, return_state=False).logits
 
+    def logits_at(self, ids, mask):
+        """float32 logits (M, V) of the M positions where ``mask`` (B, S) bool is True: the LM head is applied to
+        those rows only (a task that scores a few positions per sequence, MQAR, never forms (B, S, V) logits)."""
+        import torch
+        import torch.nn.functional as F
+        head = self.model.lm_head
+        if self.is_llama:
+            h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+        else:
+            # our models' forward ends in lm_head(out_norm(x)): with the head swapped for an identity it returns
+            # the normalised hidden states
+            self.model.lm_head = torch.nn.Identity()
+            try:
+                h = self.model(ids, return_state=False).logits
+            finally:
+                self.model.lm_head = head
+        return F.linear(h[mask].to(head.weight.dtype), head.weight).float()
+
     def loss_sum(self, ids, labels):
         import torch.nn.functional as F
+        if self.sparse_loss:
+            m = labels != -100
+            return F.cross_entropy(self.logits_at(ids, m), labels[m], reduction="sum")
         if self.fast_loss and not self.is_llama:
             return self.model(ids, return_state=False, labels=labels, loss_reduction="sum").loss.float()
         lg = self.logits(ids)

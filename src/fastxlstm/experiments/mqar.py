@@ -11,11 +11,16 @@ LlamaForCausalLM with 2 layers of the same width, its FFN width set to match xLS
 widths are swept. The paper: xLSTM solves the easy settings, xLSTM[1:1] is the best of the non-Transformer models
 and attention solves all of them.
 
-Full mode (one GPU, ~3 minutes): V = 8192; (S, N) = (256, 16) at widths 64, 128, 256 and (512, 64) at width 256
+Full mode (one GPU, ~10 minutes): V = 8192; (S, N) = (256, 16) at widths 64, 128, 256 and (512, 64) at width 256
 (a subset of the paper's grid of widths 64..512 and harder settings that fits the time; ``--settings`` and
-``--widths`` choose others, e.g. ``--settings 256x16,512x64,1024x128 --widths 64,128,256,512``). Training: AdamW,
-the trainer's warmup + cosine schedule, bf16 autocast on CUDA, fresh random sequences every step; evaluation on
-2,048 held-out sequences (fixed per seed).
+``--widths`` choose others, e.g. ``--settings 256x16,512x64,1024x128 --widths 64,128,256,512``). Every model's
+LM head shares the embedding's weight, as in Zoology's language model (untied, no model left chance at V = 8192
+within a few hundred steps; tied, the copy of a value's embedding to the output is linear from the start).
+Training: AdamW (lr 3e-3), the trainer's warmup + cosine schedule, bf16 autocast on CUDA, fresh random sequences
+every step, and a curriculum in the spirit of Zoology's mix of shorter sequences with fewer pairs: S/4 tokens
+with N/4 pairs for the first 20% of the steps, S/2 with N/2 up to 40%, then S with N (same vocabulary, same
+layout); the loss applies the LM head at the query positions only. Evaluation on 2,048 held-out sequences of the
+task itself (fixed per seed).
 """
 from __future__ import annotations
 
@@ -43,7 +48,13 @@ class Settings:
     widths_for: Dict[str, List[int]] = field(default_factory=lambda: {"512x64": [256]})
     blocks: int = 2
     heads: int = 4
+    # the LM head shares the embedding's weight (every model alike), as in Zoology's language model
+    tie_weights: bool = True
     steps: int = 1500
+    # curriculum (Zoology trains on a mix of shorter sequences with fewer pairs): (until, div) stages, e.g.
+    # (0.2, 4): for the first 20% of the steps train on S/div tokens with N/div pairs (same vocabulary), then the
+    # next stage, then the task itself; evaluation is always on the task itself. () = no curriculum
+    curriculum: Tuple[Tuple[float, int], ...] = ()
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
@@ -54,7 +65,10 @@ class Settings:
     seeds: Tuple[int, ...] = (0,)
 
 
-FULL = Settings()
+#: one H200, ~10 minutes for the 12 runs. Tied head, lr 3e-3 and the curriculum S/4 x N/4 -> S/2 x N/2 -> S x N
+#: (stages ending at 20% and 40% of the steps): measured on the CPU at V = 8192 (docs/REPRODUCTIONS.md, "Recipe
+#: checks on the CPU"); with an untied head (the first GPU run) no model left chance within a few hundred steps
+FULL = Settings(lr=3e-3, warmup=50, curriculum=((0.2, 4), (0.4, 2)), time_budget_minutes=10.0)
 QUICK = Settings(vocab=64, tasks=[(64, 8)], widths=[64], widths_for={}, steps=300, batch_size=32, lr=3e-3,
                  warmup=30, eval_sequences=256, eval_batch=128, log_every=25, time_budget_minutes=15.0)
 
@@ -150,6 +164,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             raise C.ExperimentError(f"--widths: {w} is not a multiple of the {s.heads} heads")
     for seq_len, pairs in s.tasks:
         check_task(seq_len, pairs, s.vocab)
+        for _, div in s.curriculum:
+            check_task(seq_len // div, max(1, pairs // div), s.vocab)
     return s
 
 
@@ -158,14 +174,23 @@ def grid(s: Settings) -> List[Tuple[int, int, int]]:
     return [(S, N, w) for S, N in s.tasks for w in s.widths_for.get(f"{S}x{N}", s.widths)]
 
 
+def task_at(s: Settings, step: int, seq_len: int, pairs: int) -> Tuple[int, int]:
+    """(sequence length, pairs) of the training batch at ``step`` (the curriculum's stage, or the task)."""
+    for until, div in s.curriculum:
+        if step < until * s.steps:
+            return seq_len // div, max(1, pairs // div)
+    return seq_len, pairs
+
+
 def model_config(name: str, s: Settings, width: int, seq_len: int):
     """(config, parameter count) of one model at one width."""
-    cfgs = {n: C.xlstm_lm_config(r, width, s.blocks, s.vocab, num_heads=s.heads, slstm_num_heads=s.heads)
+    cfgs = {n: C.xlstm_lm_config(r, width, s.blocks, s.vocab, num_heads=s.heads, slstm_num_heads=s.heads,
+                                 tie_weights=s.tie_weights)
             for n, r in RATIOS.items()}
     if name != "llama":
         return cfgs[name], C.meta_params(cfgs[name])
     return C.llama_config_matched(C.meta_params(cfgs[LLAMA_MATCH]), width, s.blocks, s.heads, s.vocab,
-                                  max_positions=seq_len, multiple_of=8)
+                                  max_positions=seq_len, tie=s.tie_weights, multiple_of=8)
 
 
 def evaluate(wrap, s: Settings, seq_len: int, pairs: int, seed: int, device, precision: str) -> float:
@@ -179,10 +204,10 @@ def evaluate(wrap, s: Settings, seq_len: int, pairs: int, seed: int, device, pre
             b = min(s.eval_batch, left)
             x, y = mqar_batch(gen, b, seq_len, pairs, s.vocab)
             x, y = x.to(device), y.to(device)
-            with C.autocast_for(precision, device):
-                lg = wrap.logits(x)
             m = y != -100
-            correct += int((lg.argmax(-1)[m] == y[m]).sum())
+            with C.autocast_for(precision, device):
+                lg = wrap.logits_at(x, m)                     # (M, V): the query positions only
+            correct += int((lg.argmax(-1) == y[m]).sum())
             total += int(m.sum())
             left -= b
     wrap.train(True)
@@ -218,10 +243,11 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
                 with torch.device(device):
                     model = C.build_model(cfg)
                 wrap = C.ModelWrap(model, "llama" if name == "llama" else "xlstm")
+                wrap.sparse_loss = True                               # the LM head at the 1/16 query positions only
                 gen = torch.Generator().manual_seed(seed)
 
                 def make_batch(step, gen=gen, seq_len=seq_len, pairs=pairs):
-                    x, y = mqar_batch(gen, s.batch_size, seq_len, pairs, s.vocab)
+                    x, y = mqar_batch(gen, s.batch_size, *task_at(s, step, seq_len, pairs), s.vocab)
                     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
                 extra = {"seed": seed, "seq_len": seq_len, "pairs": pairs, "width": width}
