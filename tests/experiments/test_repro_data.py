@@ -2,6 +2,8 @@
 parameter matching, the xLSTM[a:b] block mixes."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -166,6 +168,9 @@ def test_mqar_full_recipe_and_curriculum():
     assert [mqar.task_at(s, k, 256, 16) for k in (0, 299, 300, 599, 600, 1499)] == \
         [(64, 4), (64, 4), (128, 8), (128, 8), (256, 16), (256, 16)]
     assert mqar.task_at(s, 0, 512, 64) == (128, 16)
+    with pytest.raises(ValueError, match="curriculum stage 2x1"):
+        mqar.settings_from(argparse.Namespace(quick=False, settings="8x2", widths=None, steps=None,
+                                              batch_size=None, lr=None, vocab=None, time_budget_minutes=None))
     q = mqar.QUICK
     assert q.curriculum == () and not q.tie_weights and mqar.task_at(q, 0, 64, 8) == (64, 8)
     # the tied head reaches the models: fewer parameters than untied by one V x width matrix, for all three

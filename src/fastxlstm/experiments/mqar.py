@@ -65,13 +65,12 @@ class Settings:
     seeds: Tuple[int, ...] = (0,)
 
 
-#: one H200, ~10 minutes for the 9 runs (3 models x 3 widths). Tied head, lr 3e-3 and the curriculum S/4 x N/4 -> S/2 x N/2 -> S x N
-#: (stages ending at 20% and 40% of the steps): measured on the CPU at V = 8192 (docs/REPRODUCTIONS.md, "Recipe
-#: checks on the CPU"); with an untied head (the first GPU run) no model left chance within a few hundred steps
-#: S=512 with 64 pairs (width 256) is no longer in the default grid: the three widths at 1,500 steps fill the time
-#: (run it on its own: ``--settings 512x64 --widths 256``)
-FULL = Settings(lr=3e-3, warmup=50, curriculum=((0.2, 4), (0.4, 2)),
-                time_budget_minutes=10.0)
+#: one H200, ~10 minutes for the 9 runs (3 models x 3 widths). Tied head, lr 3e-3 and the curriculum
+#: S/4 x N/4 -> S/2 x N/2 -> S x N (stages ending at 20% and 40% of the steps): measured on the CPU at V = 8192
+#: (docs/REPRODUCTIONS.md, "Recipe checks on the CPU"); with an untied head (the first GPU run) no model left
+#: chance within a few hundred steps. S=512 with 64 pairs (width 256) is no longer in the default grid: the three
+#: widths at 1,500 steps fill the time (run it on its own: ``--settings 512x64 --widths 256``)
+FULL = Settings(lr=3e-3, warmup=50, curriculum=((0.2, 4), (0.4, 2)), time_budget_minutes=10.0)
 #: 2-core CPU, a few minutes: V = 64 learns without the tied head or the curriculum (kept as measured in
 #: docs/REPRODUCTIONS.md and by the CI test)
 QUICK = Settings(vocab=64, tasks=[(64, 8)], widths=[64], tie_weights=False, steps=300, batch_size=32, lr=3e-3,
@@ -170,7 +169,11 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     for seq_len, pairs in s.tasks:
         check_task(seq_len, pairs, s.vocab)
         for _, div in s.curriculum:
-            check_task(seq_len // div, max(1, pairs // div), s.vocab)
+            try:
+                check_task(seq_len // div, max(1, pairs // div), s.vocab)
+            except C.ExperimentError as e:
+                raise C.ExperimentError(f"--settings {seq_len}x{pairs}: its curriculum stage {seq_len // div}x"
+                                        f"{max(1, pairs // div)} (S/{div}, N/{div}) is impossible: {e}") from None
     return s
 
 
