@@ -130,3 +130,23 @@ def leftovers(parent) -> Tuple[str, ...]:
 
 
 __all__ = ["CRASHED", "run_crashed", "every_crash_point", "leftovers"]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _exchange_fixture(request, monkeypatch):
+    """Run with the atomic exchange (Linux renameat2) and with the fallback for file systems without it."""
+    import fastxlstm._fileio as fileio
+    if not request.param:
+        monkeypatch.setattr(fileio, "_rename_exchange", lambda a, b: False)
+    return request.param
+
+
+def exchange_fixture():
+    """The ``exchange`` fixture of the crash tests (``exchange = exchange_fixture()`` in a test module)."""
+    import pytest
+    return pytest.fixture(params=[True, False], ids=["exchange", "two-renames"], name="exchange")(_exchange_fixture)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastxlstm._fileio as fileio
-from crash_helpers import every_crash_point, leftovers
+from crash_helpers import every_crash_point, exchange_fixture, leftovers, same_state
 from fastxlstm.models.io import from_pretrained, save_pretrained
 from fastxlstm.models.xlstm_large import XLSTMLarge, XLSTMLargeConfig
 from fastxlstm.models.xlstm_lm import XLSTMLM, XLSTMLMConfig
@@ -39,18 +39,12 @@ def _which(directory, old, new) -> str:
     loaded = from_pretrained(directory)
     sd = loaded.state_dict()
     for name, ref in (("old", old), ("new", new)):
-        rsd = ref.state_dict()
-        if sd.keys() == rsd.keys() and all(torch.equal(sd[k], rsd[k]) for k in sd):
+        if same_state(sd, ref.state_dict()):
             return name
     raise AssertionError(f"{directory} loads as neither the old nor the new model")
 
 
-@pytest.fixture(params=[True, False], ids=["exchange", "two-renames"])
-def exchange(request, monkeypatch):
-    """Run with the atomic exchange (Linux renameat2) and with the fallback for file systems without it."""
-    if not request.param:
-        monkeypatch.setattr(fileio, "_rename_exchange", lambda a, b: False)
-    return request.param
+exchange = exchange_fixture()
 
 
 def _three_shards(model) -> int:

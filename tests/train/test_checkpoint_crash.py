@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastxlstm._fileio as fileio
-from crash_helpers import every_crash_point
+from crash_helpers import every_crash_point, exchange_fixture, same_state
 from fastxlstm.models.presets import build_model
 from fastxlstm.train import checkpoint as ckpt
 
@@ -44,16 +44,12 @@ def _loads_as(path, states) -> int:
     """The index of the state the checkpoint at ``path`` holds (it must load and verify)."""
     msd = ckpt.load_checkpoint(path)[0]
     for i, (ref, _, _) in enumerate(states):
-        if msd.keys() == ref.keys() and all(torch.equal(msd[k], ref[k]) for k in msd):
+        if same_state(msd, ref):
             return i
     raise AssertionError(f"{path} holds neither state")
 
 
-@pytest.fixture(params=[True, False], ids=["exchange", "two-renames"])
-def exchange(request, monkeypatch):
-    if not request.param:
-        monkeypatch.setattr(fileio, "_rename_exchange", lambda a, b: False)
-    return request.param
+exchange = exchange_fixture()
 
 
 @pytest.mark.parametrize("new_step", [2, 1], ids=["next-step-and-prune", "same-step-overwrite"])
