@@ -325,8 +325,10 @@ def profile_step(kind, model, opt, S, tokens, V, device, fast, path):
     for name, (t, _) in kern.items():
         c = _category(name)
         shares[c] = shares.get(c, 0.0) + t / total
+    launches = sum(v[1] for v in kern.values())
     lines = [f"one training step, {'fast' if fast else 'eager'} path, B={B} S={S}, device {device}: "
-             f"{total / 1e3:.1f} ms of {'GPU kernel' if device.type == 'cuda' else 'CPU op'} time",
+             f"{total / 1e3:.1f} ms of {'GPU kernel' if device.type == 'cuda' else 'CPU op'} time, "
+             f"{launches} {'kernels' if device.type == 'cuda' else 'ops'}",
              "", "shares by category (kernel names matched by keyword):"]
     for c, s in sorted(shares.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {c:<28} {100 * s:5.1f} %")
@@ -342,7 +344,8 @@ def profile_step(kind, model, opt, S, tokens, V, device, fast, path):
         lines.append(f"(key_averages table unavailable: {e})")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")
-    return {"total_ms": total / 1e3, "shares": shares, "file": os.path.relpath(path, _ROOT)}
+    return {"total_ms": total / 1e3, "launches": launches, "shares": shares,
+            "file": os.path.relpath(path, _ROOT)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -551,13 +554,14 @@ def main_bench(args):
     # stages in order of importance (the 32k runs and the official model come last)
     if "llama" in models:
         phase_llama(main_ctx)
+    prof_models = {m for m in args.profile_models.split(",") if m} if args.profile else set()
     if "7b-400m" in models:
-        phase_ours("7b-400m", main_ctx)
+        phase_ours("7b-400m", main_ctx, do_eager=args.eager, profile="7b-400m" in prof_models)
     if "350m" in models:
-        phase_ours("350m", main_ctx, profile=args.profile)
+        phase_ours("350m", main_ctx, do_eager=args.eager, profile="350m" in prof_models)
     if "350m-7-1" in models:
         # the sLSTM step loop is slow: its fast path at the first context only unless there is time
-        phase_ours("350m-7-1", main_ctx[:1], ckpt_from=10 ** 9)
+        phase_ours("350m-7-1", main_ctx[:1], do_eager=args.eager, ckpt_from=10 ** 9)
     if "official" in models:
         for S in main_ctx[:1]:
             if time_left() < 20:
@@ -663,6 +667,10 @@ def parse(argv=None):
                    help="compile_blocks(dynamic=True): one compile per block type for all contexts (default); "
                         "--no-dynamic specialises on every (B, S)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--profile-models", default="350m,7b-400m",
+                   help="comma-separated models whose fast (and eager) step is profiled at the first context")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the eager path (--no-eager: the fast path only; the check still runs)")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="only redo the plot and table from this JSON")
     p.add_argument("--_official", type=int, default=None, help=argparse.SUPPRESS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastxlstm.layers._fast import float_gate_linear, headwise_linear
+from fastxlstm.layers._fast import _TinyBlocksLinear, float_gate_linear, headwise_linear
 from fastxlstm.models.loss import chunked_cross_entropy
 from fastxlstm.models.presets import build_model
 
@@ -123,6 +123,28 @@ def test_headwise_linear_forms_equal_einsum(shape):
         assert _rel(a, r) < 1e-14
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert headwise_linear(x.float(), W.float()).dtype == torch.bfloat16  # as nn.Linear under autocast
+
+
+@pytest.mark.parametrize("shape", [(512, 4, 4), (6, 4, 4), (7, 2, 4), (3, 4, 2), (64, 8, 8)])
+def test_tiny_blocks_linear_equals_einsum(shape):
+    """The tiny-block form (CUDA / compiled path): broadcast forward and input gradient, grouped-matmul weight
+    gradient, on a strided input (a split of a wider tensor, as the mLSTM layer's x_m), DO != DI included."""
+    NB, DO, DI = shape
+    torch.manual_seed(5)
+    wide = torch.randn(19, 2 * NB * DI, dtype=torch.float64, requires_grad=True)
+    x = wide[:, NB * DI:]  # row stride 2 * NB * DI
+    W = torch.randn(NB, DO, DI, dtype=torch.float64, requires_grad=True)
+    ref = torch.einsum("nhd,hod->nho", x.reshape(19, NB, DI), W).reshape(19, NB * DO)
+    got = _TinyBlocksLinear.apply(x, W)
+    assert _rel(got, ref) < 1e-14
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(got, (wide, W), g), torch.autograd.grad(ref, (wide, W), g)):
+        assert _rel(a, r) < 1e-14  # measured <= 2e-16
+    # bf16: the weight gradient sums in float32 inside the matmul, like the dense form
+    xb, Wb, gb = x.detach().bfloat16(), W.detach().bfloat16().requires_grad_(), g.bfloat16()
+    gw = torch.autograd.grad(_TinyBlocksLinear.apply(xb, Wb), Wb, gb)[0]
+    exact = torch.einsum("nho,nhd->hod", gb.double().view(19, NB, DO), xb.double().view(19, NB, DI))
+    assert gw.dtype == torch.bfloat16 and _rel(gw, exact) < 1e-2  # one bf16 rounding: ~2e-3
 
 
 def test_float_gate_linear_equals_cat_linear():
