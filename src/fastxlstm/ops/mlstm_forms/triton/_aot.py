@@ -37,4 +37,5 @@ def compile_for(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2, a
         if aligned and (a.endswith("_ptr") or a.endswith(STRIDE_SUFFIXES)):
             attrs[(idx,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
