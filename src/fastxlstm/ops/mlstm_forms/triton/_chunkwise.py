@@ -22,6 +22,13 @@ three parallel kernels for dq, dk, dv. The stabiliser is a constant for autograd
 gradients follow from the identities di_j = k_j . dk_j and
 d log f_t = sum_{u >= t} (q_u . dq_u - k_u . dk_u) + <dC_S, C_S> + <dn_S, n_S>, which are formed in PyTorch from
 per-token dot products written by the kernels (fp32), with the reverse cumsum in float64.
+
+Layouts: q, k, v, h, dh, dq, dk, dv are addressed through their (batch, head, token) strides with a contiguous
+last dim (int64 per-chunk bases, int32 offsets inside a chunk), so the layers' (B, S, NH, D) projections seen as
+(B, NH, S, D) are read in place and kept for the backward as they are; h, dq, dk, dv are written in the layout of
+v, q, k, v. Memory: with ``recompute_states`` the forward drops the chunk states (K1's Cbuf/nbuf/mbuf) and the
+backward runs K1 again from k, v, the gate scalars and the initial state (the same kernel on the same data:
+bit-identical states).
 """
 from __future__ import annotations
 
