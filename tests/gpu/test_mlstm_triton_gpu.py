@@ -343,3 +343,35 @@ def test_offsets_beyond_int32():
     for name, a, b in zip(["h", "d_q", "d_k", "d_v", "d_i", "d_f"], big, one):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 1e-6, f"{name}: last row {rel_err(a, b):.2e} from the same row run alone"
+
+
+def test_layer_recompute_env_bitwise(monkeypatch):
+    """The real call path (MLSTMLayer of the 350M model: E=1024, 4 heads of 512, backend "triton"): the output,
+    state and every gradient (input and parameters) are bit for bit the same with FASTXLSTM_MLSTM_RECOMPUTE=0 and
+    =1, and h leaves the cell in the layout the layer transposes back for free."""
+    from fastxlstm.layers.mlstm import MLSTMLayer
+    from fastxlstm.ops.mlstm_forms.triton import _chunkwise as ck
+    torch.manual_seed(0)
+    layer = MLSTMLayer(1024, num_heads=4).cuda().to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 1024, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+    gy = torch.randn(x.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    outs, layouts = {}, []
+    real = ck.mlstm_chunkwise_triton
+
+    def spy(q, *a, **kw):
+        h, st = real(q, *a, **kw)
+        layouts.append(h.transpose(1, 2).is_contiguous())
+        return h, st
+    monkeypatch.setattr(ck, "mlstm_chunkwise_triton", spy)
+    for env in ("0", "1"):
+        monkeypatch.setenv("FASTXLSTM_MLSTM_RECOMPUTE", env)
+        xx = x.clone().requires_grad_()
+        y, st = layer(xx, backend="triton")
+        grads = torch.autograd.grad(y, [xx] + params, gy, allow_unused=True)
+        outs[env] = [y.detach(), st.C, st.n, st.m] + [gr for gr in grads if gr is not None]
+    assert len(outs["0"]) == len(outs["1"]) > 5
+    diff = [j for j, (a, b) in enumerate(zip(outs["0"], outs["1"])) if not torch.equal(a, b)]
+    assert not diff, f"tensors {diff} differ between stored and recomputed chunk states"
+    assert layouts == [True, True], layouts
