@@ -3,6 +3,7 @@ triton_limit_chunk and triton_xl_chunk), fla chunk_simple_gla and torch SDPA fla
 
     python benchmarks/mlstm_kernels.py --out benchmarks/results/h200_mlstm.json     # on the GPU
     python benchmarks/mlstm_kernels.py --plot benchmarks/results/h200_mlstm.json    # png + markdown table
+    python benchmarks/mlstm_kernels.py --layouts    # strided vs contiguous inputs, recomputed vs stored states
 
 Shapes (those of the published mLSTM kernel benchmarks): 65,536 tokens per call (B = 65536 / S), bf16 inputs; shape A: NH=16, DQK=DV=128;
 shape B: NH=8, DQK=256, DV=512; S = 1k, 4k, 16k; "fw" = forward, "fwbw" = forward + backward of a random output
@@ -601,6 +602,180 @@ def plot(res, path):
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# layouts and recomputed chunk states (--layouts): the 350M model's cell, as its layers call it
+# ------------------------------------------------------------------------------------------------------------
+
+LAYOUT_SHAPE = dict(B=8, NH=4, S=2048, DQK=512, DV=512)  # the 350M model's cell at 16,384 tokens
+LAYOUTS = {
+    "contiguous": "(B, NH, S, D) contiguous inputs, h as returned (the kernels alone)",
+    "strided": "the layers' call: (B, S, NH * D) projections seen as (B, NH, S, D), h back to (B, S, NH * DV)",
+    "strided+copies": "the same with the copies the cell made before strided inputs were read in place: q, k, v "
+                      "made contiguous, h transposed back by a copy (and the matching copies in the backward)",
+}
+
+
+def to_layout(t, layout):
+    """A (B, NH, S, D) tensor as the variant's leaves hold it: as is, or as the layers' (B, S, NH * D)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    B, NH, S, D = t.shape
+    return t.transpose(1, 2).reshape(B, S, NH * D).contiguous()
+
+
+def layout_call(layout, recompute, S, NH, DQK, DV):
+    """(make_leaves(B, seed), call(leaves) -> output) for one variant; leaves are what the timed function gets."""
+    import torch
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import default_config, mlstm_chunkwise_triton
+    cfg = default_config(DQK, DV, recompute_states=recompute)
+
+    def make(B, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        # the same values in every variant: drawn as (B, NH, S, D), then laid out as the variant takes them
+        q, k, v = (to_layout(torch.randn(B, NH, S, d, device="cuda", generator=g).to(torch.bfloat16), layout)
+                   for d in (DQK, DQK, DV))
+        i = torch.randn(B, NH, S, device="cuda", generator=g)
+        f = 3.0 + torch.randn(B, NH, S, device="cuda", generator=g)
+        return [q, k, v, i, f]
+
+    def call(q, k, v, i, f):
+        if layout == "contiguous":
+            return mlstm_chunkwise_triton(q, k, v, i, f, config=cfg)[0]
+        B = q.shape[0]
+        q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))
+        if layout == "strided+copies":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        h = mlstm_chunkwise_triton(q, k, v, i, f, config=cfg)[0]
+        return h.transpose(1, 2).reshape(B, S, NH * DV)  # a view when h is in v's layout, else a copy
+    return make, call
+
+
+def bench_layout(layout, recompute, d):
+    """fw / fwbw ms, the peak memory of each above what was allocated before (the inputs), and what a forward
+    keeps for its backward."""
+    import torch
+    make, call = layout_call(layout, recompute, d["S"], d["NH"], d["DQK"], d["DV"])
+    out = {}
+    for mode in ("fw", "fwbw"):
+        xs = make(d["B"])
+        if mode == "fwbw":
+            for x in xs:
+                x.requires_grad_(True)
+        g = torch.Generator(device="cuda").manual_seed(9)
+        dh = to_layout(torch.randn(d["B"], d["NH"], d["S"], d["DV"], device="cuda", generator=g).to(torch.bfloat16),
+                       layout)
+        fw, fwbw = fw_and_fwbw(call, xs, dh)
+        fn = fw if mode == "fw" else fwbw
+        fn()
+        torch.cuda.synchronize()
+        out[mode + "_ms"] = bench(fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        out[mode + "_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        if mode == "fwbw":
+            hold = [call(*xs)]  # the output and its graph, alive
+            torch.cuda.synchronize()
+            out["kept_by_forward_mb"] = (torch.cuda.memory_allocated() - base) / 2 ** 20
+            hold.clear()
+        del xs, dh
+        torch.cuda.empty_cache()
+    return out
+
+
+def check_layouts(d):
+    """Every variant's outputs and gradients against the first one, bit for bit (the same kernels on the same
+    values; the copies change no value), and the strided recompute variant against the float64 chunkwise form on
+    one sequence of 512 tokens (relative errors)."""
+    import torch
+    from fastxlstm.ops.mlstm_forms.chunkwise import mlstm_chunkwise
+    res = {"bitwise_vs_contiguous_stored": {}}
+    first = None
+    B = 2
+    for layout in LAYOUTS:
+        for rec in (False, True):
+            make, call = layout_call(layout, rec, d["S"], d["NH"], d["DQK"], d["DV"])
+            xs = [x.requires_grad_(True) for x in make(B, seed=3)]
+            h = call(*xs)
+            g = torch.Generator(device="cuda").manual_seed(4)
+            dh = to_layout(torch.randn(B, d["NH"], d["S"], d["DV"], device="cuda", generator=g).to(h.dtype), layout)
+            grads = torch.autograd.grad(h, xs, dh)
+            B_, S, NH = B, d["S"], d["NH"]
+            norm = lambda t: t if layout == "contiguous" else t.view(B_, S, NH, -1).transpose(1, 2)  # noqa: E731
+            vals = [norm(h.detach())] + [norm(gr) if j < 3 else gr for j, gr in enumerate(grads)]
+            if first is None:
+                first = vals
+            key = f"{layout}/{'recompute' if rec else 'stored'}"
+            res["bitwise_vs_contiguous_stored"][key] = all(torch.equal(a, b) for a, b in zip(vals, first))
+            del xs, h, grads, vals
+    make, call = layout_call("strided", True, 512, d["NH"], d["DQK"], d["DV"])
+    xs = [x.requires_grad_(True) for x in make(1, seed=5)]
+    h = call(*xs)
+    dh = torch.randn_like(h)
+    grads = torch.autograd.grad(h, xs, dh)
+    ref = [x.detach().double().requires_grad_(True) for x in xs]
+    heads = lambda t: t.view(1, 512, d["NH"], -1).transpose(1, 2)  # noqa: E731
+    hr = mlstm_chunkwise(heads(ref[0]), heads(ref[1]), heads(ref[2]), ref[3], ref[4], chunk_size=64)[0]
+    hr = hr.transpose(1, 2).reshape(h.shape)
+    gr = torch.autograd.grad(hr, ref, dh.double())
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    names = ["h", "d_q", "d_k", "d_v", "d_i", "d_f"]
+    res["strided_recompute_vs_float64"] = {nm: rel(a, b) for nm, a, b in zip(names, [h] + list(grads), [hr] + list(gr))}
+    return res
+
+
+def main_layouts(args):
+    import torch
+    d = dict(LAYOUT_SHAPE)
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "gpu": torch.cuda.get_device_name(), "versions": versions(), "shape": d, "dtype": "bf16",
+           "layouts": LAYOUTS, "runs": {}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.layouts_out)), exist_ok=True)
+    res["check"] = check_layouts(d)
+    print("check", json.dumps(res["check"]), flush=True)
+    torch.cuda.empty_cache()
+    for layout in LAYOUTS:
+        for rec in (False, True):
+            key = f"{layout}/{'recompute' if rec else 'stored'}"
+            res["runs"][key] = bench_layout(layout, rec, d)
+            print(key, {k: round(v, 3) for k, v in res["runs"][key].items()}, flush=True)
+            json.dump(res, open(args.layouts_out, "w"), indent=1)
+    lines = [f"{res['gpu']}, torch {res['versions']['torch']}, triton {res['versions']['triton']}, {res['date']}; "
+             f"B={d['B']} NH={d['NH']} S={d['S']} DQK={d['DQK']} DV={d['DV']} bf16 (peak and kept: MiB above the "
+             "inputs)", "", "| variant | fw ms | fwbw ms | fw peak MiB | fwbw peak MiB | kept by forward MiB |",
+             "|---|---|---|---|---|---|"]
+    for key, r in res["runs"].items():
+        lines.append(f"| {key} | {r['fw_ms']:.3f} | {r['fwbw_ms']:.3f} | {r['fw_peak_mb']:.0f} | "
+                     f"{r['fwbw_peak_mb']:.0f} | {r['kept_by_forward_mb']:.0f} |")
+    print("\n".join(lines))
+    plot_layouts(res, os.path.splitext(args.layouts_out)[0] + ".png")
+
+
+def plot_layouts(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(res["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    x = range(len(keys))
+    for j, (mode, col) in enumerate((("fw_ms", "C0"), ("fwbw_ms", "C1"))):
+        axes[0].bar([i + 0.4 * j for i in x], [res["runs"][k][mode] for k in keys], 0.4, label=mode[:-3], color=col)
+    for j, (mode, col) in enumerate((("fwbw_peak_mb", "C2"), ("kept_by_forward_mb", "C3"))):
+        axes[1].bar([i + 0.4 * j for i in x], [res["runs"][k][mode] for k in keys], 0.4, label=mode[:-3], color=col)
+    for ax, title in zip(axes, ("time (ms)", "memory above the inputs (MiB)")):
+        ax.set_xticks([i + 0.2 for i in x])
+        ax.set_xticklabels(keys, rotation=20, fontsize=7, ha="right")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    d = res["shape"]
+    fig.suptitle(f"mLSTM cell layouts and recomputed states on {res['gpu']} (B={d['B']} NH={d['NH']} S={d['S']} "
+                 f"{d['DQK']}x{d['DV']} bf16, {res['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/h200_mlstm.json")
@@ -611,9 +786,15 @@ def main():
     ap.add_argument("--competitor-timeout", type=int, default=300)
     ap.add_argument("--no-competitors", action="store_true")
     ap.add_argument("--worker", nargs="+")
+    ap.add_argument("--layouts", action="store_true",
+                    help="only time strided vs contiguous inputs and recomputed vs stored chunk states at the 350M "
+                         "model's cell size (B=8, NH=4, S=2048, DQK=DV=512, bf16): fw / fwbw ms and peak memory")
+    ap.add_argument("--layouts-out", default="benchmarks/results/h200_mlstm_layouts.json")
     args = ap.parse_args()
     if args.worker:
         worker_main(args.worker[0], args.worker[1:])
+    elif args.layouts:
+        main_layouts(args)
     elif args.plot:
         res = json.load(open(args.plot))
         base = os.path.dirname(os.path.abspath(args.plot))

@@ -215,3 +215,163 @@ def test_eps_zero_large_m_zero_query():
     # rounding noise), so only these are compared (interpreter at S=45: <= 5.5e-6)
     errs = {k: rel_err(got[k], ref[k]) for k in ("h", "C", "n", "m", "d_q", "d_C0", "d_n0")}
     assert max(errs.values()) < 3e-5, errs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# layouts (strided inputs read in place) and recomputed chunk states, at the 350M model's cell size
+# ------------------------------------------------------------------------------------------------------------
+
+def _strided_inputs(B, NH, S, DQK, DV, dtype, layout, seed=0, with_state=True):
+    """Leaves (x_q, x_k, x_v, i, f, C0, n0, m0) and the (B, NH, S, D) tensors the cell gets: "strided" = the
+    layers' (B, S, NH * D) projections seen as (B, NH, S, D); "contig" = the same values contiguous; "lastdim" =
+    a non-contiguous last dim (copied by the cell)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    vals = {nm: torch.randn(B, NH, S, d, device="cuda", generator=g).to(dtype)
+            for nm, d in (("q", DQK), ("k", DQK), ("v", DV))}
+    leaves, views = {}, {}
+    for nm, t in vals.items():
+        D = t.shape[-1]
+        if layout == "strided":
+            x = t.transpose(1, 2).reshape(B, S, NH * D).clone().requires_grad_()
+            leaves[nm], views[nm] = x, x.view(B, S, NH, D).transpose(1, 2)
+        elif layout == "lastdim":
+            x = t.transpose(2, 3).contiguous().requires_grad_()
+            leaves[nm], views[nm] = x, x.transpose(2, 3)
+        else:
+            x = t.clone().requires_grad_()
+            leaves[nm], views[nm] = x, x
+    i = (2 * torch.randn(B, NH, S, device="cuda", generator=g)).requires_grad_()
+    f = (2 * torch.randn(B, NH, S, device="cuda", generator=g) + 2).requires_grad_()
+    state = None
+    if with_state:
+        state = (torch.randn(B, NH, DQK, DV, device="cuda", generator=g).requires_grad_(),
+                 torch.randn(B, NH, DQK, device="cuda", generator=g).requires_grad_(),
+                 torch.rand(B, NH, device="cuda", generator=g) * 6 - 3)
+    return leaves, views, i, f, state
+
+
+def _back(g, layout, B, NH, S):
+    if layout == "strided":
+        return g.view(B, S, NH, -1).transpose(1, 2)
+    return g.transpose(2, 3) if layout == "lastdim" else g
+
+
+def _fwbw(layout, recompute, B=2, NH=4, S=2048, DQK=512, DV=512, dtype=torch.bfloat16, resets=True, seed=0):
+    """Outputs and every gradient (as (B, NH, S, D) tensors), plus the memory the forward keeps for the backward."""
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import default_config, mlstm_chunkwise_triton
+    leaves, views, i, f, state = _strided_inputs(B, NH, S, DQK, DV, dtype, layout, seed=seed)
+    r = _resets(B, S, "cuda") if resets else None
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    gh = torch.randn(B, NH, S, DV, device="cuda", generator=g).to(dtype)
+    gC = torch.randn(B, NH, DQK, DV, device="cuda", generator=g)
+    seen = {}
+    for nm, t in views.items():
+        t.register_hook(lambda gr, nm=nm: seen.__setitem__(nm, gr))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    cfg = default_config(DQK, DV, recompute_states=recompute)
+    h, (C, n, m) = mlstm_chunkwise_triton(views["q"], views["k"], views["v"], i, f, state, 1e-6, r, cfg)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before  # outputs and what the backward keeps
+    saved = h.grad_fn.saved_tensors
+    facts = {"saved_are_inputs": [saved[j].untyped_storage().data_ptr() == views[nm].untyped_storage().data_ptr()
+                                  for j, nm in enumerate("qkv")],
+             "h_T_contiguous": h.transpose(1, 2).is_contiguous(), "kept_bytes": kept}
+    wrt = [leaves["q"], leaves["k"], leaves["v"], i, f, state[0], state[1]]
+    grads = torch.autograd.grad([h, C], wrt, [gh, gC])
+    facts["grads_in_input_layout"] = [seen[nm].stride() == views[nm].stride() for nm in "qkv"]
+    out = {"h": h.detach(), "C": C.detach(), "n": n.detach(), "m": m.detach()}
+    for nm, gr in zip(["q", "k", "v", "i", "f", "C0", "n0"], grads):
+        out["d_" + nm] = _back(gr, layout, B, NH, S) if nm in "qkv" else gr
+    return out, facts
+
+
+def test_recompute_states_bitwise_and_memory():
+    """The 350M model's cell (4 heads, DQK = DV = 512, bf16) at B=2, S=2048 with an initial state and resets:
+    recomputing the chunk states gives the stored path's outputs and gradients bit for bit, and the forward keeps
+    at least the chunk-state buffer less (B*NH x S/64 x 512 x 512 bf16 = 128 MiB here)."""
+    stored, fs = _fwbw("strided", False)
+    rec, fr = _fwbw("strided", True)
+    diff = [k for k in stored if not torch.equal(stored[k], rec[k])]
+    assert not diff, f"recompute differs from stored in {diff}"
+    for k, t in stored.items():
+        assert torch.isfinite(t).all(), k
+    cbuf_bytes = 2 * 4 * (2048 // 64) * 512 * 512 * 2
+    assert fs["kept_bytes"] - fr["kept_bytes"] >= cbuf_bytes, (fs["kept_bytes"], fr["kept_bytes"])
+
+
+def test_strided_inputs_bitwise_and_in_place():
+    """The layers' transposed (B, S, NH * D) projections are read in place: the same results as contiguous inputs
+    bit for bit, no copies kept for the backward, h and dq/dk/dv in the inputs' layouts; a non-contiguous last dim
+    is copied and gives the same results too."""
+    st, fst = _fwbw("strided", True)
+    co, fco = _fwbw("contig", True)
+    la, fla = _fwbw("lastdim", True)
+    for name, other in (("contig", co), ("lastdim", la)):
+        diff = [k for k in st if not torch.equal(st[k], other[k])]
+        assert not diff, f"strided vs {name} differ in {diff}"
+    assert fst["saved_are_inputs"] == [True] * 3 and fco["saved_are_inputs"] == [True] * 3
+    assert fla["saved_are_inputs"] == [False] * 3
+    assert fst["h_T_contiguous"] and fst["grads_in_input_layout"] == [True] * 3
+    assert fco["grads_in_input_layout"] == [True] * 3
+
+
+def test_offsets_beyond_int32():
+    """q, k, v, h, dq, dk, dv with more than 2^31 elements each (B = 2080, S = 4096, 4 heads of 64, strided): the
+    last row's outputs and gradients equal those of that row run alone. An int32 overflow in the kernels'
+    addressing would read and write elsewhere (garbage, or a fault). Needs ~50 GB of GPU memory."""
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import mlstm_chunkwise_triton
+    B, NH, S, D = 2080, 4, 4096, 64
+    assert B * S * NH * D > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(B, S, NH * D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
+    i = 2 * torch.randn(B, NH, S, device="cuda", generator=g)
+    f = 2 * torch.randn(B, NH, S, device="cuda", generator=g) + 2
+    dh = torch.randn(B, S, NH, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+
+    def run(rows):
+        lv = [x[rows].detach().requires_grad_() for x in xs] + [i[rows].detach().requires_grad_(),
+                                                                  f[rows].detach().requires_grad_()]
+        b = lv[0].shape[0]
+        q, k, v = (t.view(b, S, NH, D).transpose(1, 2) for t in lv[:3])
+        h, _ = mlstm_chunkwise_triton(q, k, v, lv[3], lv[4])
+        grads = torch.autograd.grad(h, lv, dh[rows])
+        return [h.detach()[-1:]] + [gr[-1:] for gr in grads]
+
+    big = run(slice(0, B))
+    one = run(slice(B - 1, B))
+    for name, a, b in zip(["h", "d_q", "d_k", "d_v", "d_i", "d_f"], big, one):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 1e-6, f"{name}: last row {rel_err(a, b):.2e} from the same row run alone"
+
+
+def test_layer_recompute_env_bitwise(monkeypatch):
+    """The real call path (MLSTMLayer of the 350M model: E=1024, 4 heads of 512, backend "triton"): the output,
+    state and every gradient (input and parameters) are bit for bit the same with FASTXLSTM_MLSTM_RECOMPUTE=0 and
+    =1, and h leaves the cell in the layout the layer transposes back for free."""
+    from fastxlstm.layers.mlstm import MLSTMLayer
+    from fastxlstm.ops.mlstm_forms.triton import _chunkwise as ck
+    torch.manual_seed(0)
+    layer = MLSTMLayer(1024, num_heads=4).cuda().to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 1024, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+    gy = torch.randn(x.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    outs, layouts = {}, []
+    real = ck.mlstm_chunkwise_triton
+
+    def spy(q, *a, **kw):
+        h, st = real(q, *a, **kw)
+        layouts.append(h.transpose(1, 2).is_contiguous())
+        return h, st
+    monkeypatch.setattr(ck, "mlstm_chunkwise_triton", spy)
+    for env in ("0", "1"):
+        monkeypatch.setenv("FASTXLSTM_MLSTM_RECOMPUTE", env)
+        xx = x.clone().requires_grad_()
+        y, st = layer(xx, backend="triton")
+        grads = torch.autograd.grad(y, [xx] + params, gy, allow_unused=True)
+        outs[env] = [y.detach(), st.C, st.n, st.m] + [gr for gr in grads if gr is not None]
+    assert len(outs["0"]) == len(outs["1"]) > 5
+    diff = [j for j, (a, b) in enumerate(zip(outs["0"], outs["1"])) if not torch.equal(a, b)]
+    assert not diff, f"tensors {diff} differ between stored and recomputed chunk states"
+    assert layouts == [True, True], layouts

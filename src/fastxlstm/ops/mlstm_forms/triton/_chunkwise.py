@@ -22,6 +22,13 @@ three parallel kernels for dq, dk, dv. The stabiliser is a constant for autograd
 gradients follow from the identities di_j = k_j . dk_j and
 d log f_t = sum_{u >= t} (q_u . dq_u - k_u . dk_u) + <dC_S, C_S> + <dn_S, n_S>, which are formed in PyTorch from
 per-token dot products written by the kernels (fp32), with the reverse cumsum in float64.
+
+Layouts: q, k, v, h, dh, dq, dk, dv are addressed through their (batch, head, token) strides with a contiguous
+last dim (int64 per-chunk bases, int32 offsets inside a chunk), so the layers' (B, S, NH, D) projections seen as
+(B, NH, S, D) are read in place and kept for the backward as they are; h, dq, dk, dv are written in the layout of
+v, q, k, v. Memory: with ``recompute_states`` the forward drops the chunk states (K1's Cbuf/nbuf/mbuf) and the
+backward runs K1 again from k, v, the gate scalars and the initial state (the same kernel on the same data:
+bit-identical states).
 """
 from __future__ import annotations
 
@@ -37,7 +44,12 @@ import triton.language as tl
 @dataclass(frozen=True)
 class MLSTMTritonConfig:
     """Tiling of the chunkwise kernels. ``chunk`` is the chunk length L (state stored every L tokens), ``block_t``
-    the token tile inside a chunk (L must be a multiple), ``block_k``/``block_v`` the head-dim tiles."""
+    the token tile inside a chunk (L must be a multiple), ``block_k``/``block_v`` the head-dim tiles.
+
+    ``recompute_states``: whether the backward recomputes the per-chunk states (C, n, m at every chunk start: B*NH
+    x S/L x DQK x DV values in q's dtype) by running the forward state kernel again, instead of keeping them from
+    the forward (memory: 512 MB per call at 16k tokens, 4 heads, DQK = DV = 512, L = 64). Both give bit-identical
+    results (the same kernel on the same inputs). None (the default): :func:`recompute_default`."""
 
     chunk: int = 128
     block_t: int = 64
@@ -49,6 +61,7 @@ class MLSTMTritonConfig:
     num_stages: int = 2
     num_warps_state: int = 4
     num_stages_state: int = 2
+    recompute_states: Optional[bool] = None
 
     def __post_init__(self):
         for name in ("chunk", "block_t", "block_k", "block_v", "block_k_state", "block_v_state"):
@@ -57,19 +70,43 @@ class MLSTMTritonConfig:
                 raise ValueError(f"{name} must be a power of two >= 16, got {val}")
         if self.chunk % self.block_t:
             raise ValueError(f"chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
+        if self.recompute_states not in (None, True, False):
+            raise ValueError(f"recompute_states must be None, True or False, got {self.recompute_states!r}")
+
+
+RECOMPUTE_ENV = "FASTXLSTM_MLSTM_RECOMPUTE"
+
+
+def recompute_default(DQK: int, DV: int) -> bool:
+    """Whether the backward recomputes the chunk states when the config does not say (recompute_states=None).
+
+    The environment variable FASTXLSTM_MLSTM_RECOMPUTE=1 (always recompute) or =0 (always keep them) decides when
+    set; otherwise: recompute when one chunk state is large, DQK * DV >= 256 * 256. There the states are most of
+    the cell's memory (DQK * DV values per chunk of L tokens, against (2 DQK + 2 DV) L for q, k, v, h) and the state
+    kernel a small share of the backward's time; smaller heads keep them."""
+    env = os.environ.get(RECOMPUTE_ENV, "").strip()
+    if env:
+        if env not in ("0", "1"):
+            raise ValueError(f"{RECOMPUTE_ENV} must be 0 or 1, got {env!r}")
+        return env == "1"
+    return DQK * DV >= 256 * 256
 
 
 def _pow2_at_least16(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-def default_config(DQK: int, DV: int, chunk: int = 64) -> MLSTMTritonConfig:
+def default_config(DQK: int, DV: int, chunk: int = 64, recompute_states: Optional[bool] = None) -> MLSTMTritonConfig:
     """The tuned tiling for head dims (DQK, DV) and chunk length ``chunk`` (a power of two >= 16; the token tile
-    is min(64, chunk))."""
+    is min(64, chunk)). ``recompute_states`` None takes :func:`recompute_default` (the environment variable
+    FASTXLSTM_MLSTM_RECOMPUTE=0/1, else recompute for DQK * DV >= 256 * 256)."""
     bk = min(_pow2_at_least16(DQK), 128)
     bv = min(_pow2_at_least16(DV), 128)
+    if recompute_states is None:
+        recompute_states = recompute_default(DQK, DV)
     return MLSTMTritonConfig(chunk=chunk, block_t=min(64, chunk), block_k=bk, block_v=bv,
-                             block_k_state=bk, block_v_state=min(bv, 64), num_warps=4)
+                             block_k_state=bk, block_v_state=min(bv, 64), num_warps=4,
+                             recompute_states=recompute_states)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -120,6 +157,15 @@ def _pair_max(m_prev, hi, lo):
     return tl.where(use, m_prev, hi), tl.where(use, 0.0, lo)
 
 
+@triton.jit
+def _hbase(bh, NH, s_b, s_h):
+    """Offset (int64: bh is) of head bh = b * NH + head in a (B, NH, S, D) tensor with batch / head strides s_b, s_h.
+    q, k, v, h, dh, dq, dk, dv are addressed as base + token * s_t + d (the last dim contiguous): any layout whose
+    last dim is contiguous, e.g. the (B, S, NH, D) projections seen as (B, NH, S, D), is read and written in place.
+    Offsets inside a chunk stay int32 (the launcher copies a tensor whose 2 L * s_t would not fit)."""
+    return (bh // NH) * s_b + (bh % NH) * s_h
+
+
 @triton.jit(do_not_specialize=["S", "NC"])
 def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, S, NC, NH,
                     HAS_RESET: tl.constexpr, L: tl.constexpr):
@@ -159,7 +205,8 @@ def _scalars_kernel(f_ptr, i_ptr, r_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, a
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, C0_ptr, n0_ptr, m0_ptr,
-                      Cbuf_ptr, nbuf_ptr, mbuf_ptr, Cout_ptr, nout_ptr, mout_ptr, S, NC,
+                      Cbuf_ptr, nbuf_ptr, mbuf_ptr, Cout_ptr, nout_ptr, mout_ptr, S, NC, NH,
+                      k_sb, k_sh, k_st, v_sb, v_sh, v_st,
                       DQK: tl.constexpr, DV: tl.constexpr, HAS_STATE: tl.constexpr, L: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     pk = tl.program_id(0)
@@ -180,6 +227,8 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr
         n = tl.zeros([BK], dtype=tl.float32)
         m = tl.sum(tl.zeros([1], dtype=tl.float32), 0)
     tt = tl.arange(0, L)
+    kh = _hbase(bh, NH, k_sb, k_sh)
+    vh = _hbase(bh, NH, v_sb, v_sh)
     for c in range(0, NC):
         sbase = (bh * NC + c) * DQK * DV
         tl.store(Cbuf_ptr + sbase + cofs, _r16(C, Cbuf_ptr.dtype.element_ty, UP), mask=cmask)
@@ -197,10 +246,12 @@ def _fwd_state_kernel(k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr
         w = tl.exp(tl.where(seg == segL, (a - MLh) + (al - MLl), float("-inf")))
         t = c * L + tt
         mt = t < S
-        # per-head 64-bit base + int32 in-head offsets: measured (ptxas, sm_90) 936 -> 312 bytes of spills
-        kk = tl.load(k_ptr + bh * S * DQK + (t[:, None] * DQK + dk[None, :]), mask=mt[:, None] & mk[None, :],
+        t0 = tl.cast(c, tl.int64) * L
+        # a 64-bit chunk base + int32 in-chunk offsets (64-bit offsets everywhere spilled: 936 against 312 bytes
+        # with a 64-bit base, ptxas sm_90)
+        kk = tl.load(k_ptr + (kh + t0 * k_st) + (tt[:, None] * k_st + dk[None, :]), mask=mt[:, None] & mk[None, :],
                      other=0.0)
-        vv = tl.load(v_ptr + bh * S * DV + (t[:, None] * DV + dv[None, :]), mask=mt[:, None] & mv[None, :],
+        vv = tl.load(v_ptr + (vh + t0 * v_st) + (tt[:, None] * v_st + dv[None, :]), mask=mt[:, None] & mv[None, :],
                      other=0.0)
         kw = kk.to(tl.float32) * w[:, None]
         # 16-bit operands (the gate-weighted keys rounded once): fp32/tf32 operands here measured 1.7x slower
@@ -264,7 +315,8 @@ def _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq):
 @triton.jit(do_not_specialize=["S", "NC"])
 def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
                     Cbuf_ptr, nbuf_ptr, mbuf_ptr,
-                    h_ptr, den_ptr, mo_ptr, S, NC, scale, eps,
+                    h_ptr, den_ptr, mo_ptr, S, NC, NH, scale, eps,
+                    q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, h_sb, h_sh, h_st,
                     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     NQ: tl.constexpr = L // BT
@@ -279,6 +331,10 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, a
     mq = tq < S
     dv = pv * BV + tl.arange(0, BV)
     mv = dv < DV
+    t0 = tl.cast(c, tl.int64) * L
+    qb = _hbase(bh, NH, q_sb, q_sh) + t0 * q_st
+    kb = _hbase(bh, NH, k_sb, k_sh) + t0 * k_st
+    vb = _hbase(bh, NH, v_sb, v_sh) + t0 * v_st
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
     Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
@@ -287,7 +343,7 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, a
     for k0 in range(0, DQK, BK):
         dk = k0 + tl.arange(0, BK)
         mk = dk < DQK
-        qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+        qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :], other=0.0)
         Cb = tl.load(Cbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         acc += _dot(qq, Cb.to(qq.dtype), IP, UP)
         nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
@@ -302,38 +358,44 @@ def _fwd_out_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, a
         for k0 in range(0, DQK, BK):
             dk = k0 + tl.arange(0, BK)
             mk = dk < DQK
-            qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :],
+            qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :],
                          other=0.0)
-            kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :],
+            kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :],
                          other=0.0)
             s += _dot(qq, tl.trans(kk), IP, UP)
         D = _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
         P = s * D * scale
         den += tl.sum(P, 1)
-        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + vb + (rk[:, None] * v_st + dv[None, :]), mask=mkv[:, None] & mv[None, :], other=0.0)
         acc += _dot(_r16(P, vv.dtype, UP), vv, IP, UP)
     Z = tl.maximum(tl.abs(den), tl.maximum(tl.exp(-mt), 1.1754943508222875e-38)) + eps  # floor: see exp_floor
     hh = acc / Z[:, None]
-    tl.store(h_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], _r16(hh, h_ptr.dtype.element_ty, UP),
+    hb = _hbase(bh, NH, h_sb, h_sh) + t0 * h_st
+    tl.store(h_ptr + hb + (rq[:, None] * h_st + dv[None, :]), _r16(hh, h_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mv[None, :])
     if pv == 0:
         tl.store(den_ptr + bh * S + tq, den, mask=mq)
         tl.store(mo_ptr + bh * S + tq, mt, mask=mq)
 
 
-@triton.jit(do_not_specialize=["R"])
-def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, R, eps,
+@triton.jit(do_not_specialize=["S"])
+def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, S, NH, eps,
+                     h_sb, h_sh, h_st, dh_sb, dh_sh, dh_st,
                      DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     # per token: rz = 1 / Z with Z = max(|den|, exp(-m)) + eps, and dden = -(dh . h) / Z on the |den| branch
-    # (m is a constant for autograd, so the exp(-m) branch passes no gradient)
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    mr = rows < R
+    # (m is a constant for autograd, so the exp(-m) branch passes no gradient). Grid (S / BR, BH)
+    bh = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mr = t < S
+    rows = bh * S + t
+    hrow = _hbase(bh, NH, h_sb, h_sh) + t * h_st
+    grow = _hbase(bh, NH, dh_sb, dh_sh) + t * dh_st
     acc = tl.zeros([BR], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         dv = v0 + tl.arange(0, BV)
         msk = mr[:, None] & (dv < DV)[None, :]
-        hh = tl.load(h_ptr + rows[:, None] * DV + dv[None, :], mask=msk, other=0.0).to(tl.float32)
-        gg = tl.load(dh_ptr + rows[:, None] * DV + dv[None, :], mask=msk, other=0.0).to(tl.float32)
+        hh = tl.load(h_ptr + hrow[:, None] + dv[None, :], mask=msk, other=0.0).to(tl.float32)
+        gg = tl.load(dh_ptr + grow[:, None] + dv[None, :], mask=msk, other=0.0).to(tl.float32)
         acc += tl.sum(hh * gg, 1)
     den = tl.load(den_ptr + rows, mask=mr, other=1.0)
     mt = tl.load(m_ptr + rows, mask=mr, other=0.0)
@@ -348,7 +410,7 @@ def _bwd_prep_kernel(h_ptr, dh_ptr, den_ptr, m_ptr, rz_ptr, dd_ptr, R, eps,
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, Ml_ptr, mbuf_ptr, dCT_ptr, dnT_ptr,
                       dCbuf_ptr, dnbuf_ptr, dC0_ptr, dn0_ptr, Cbuf_ptr, nbuf_ptr, E_ptr,
-                      S, NC, BH, scale,
+                      S, NC, BH, NH, scale, q_sb, q_sh, q_st, dh_sb, dh_sh, dh_st,
                       DQK: tl.constexpr, DV: tl.constexpr, HAS_DSTATE: tl.constexpr, L: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     pk = tl.program_id(0)
@@ -367,6 +429,8 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, Ml_ptr, mbu
         dC = tl.zeros([BK, BV], dtype=tl.float32)
         dn = tl.zeros([BK], dtype=tl.float32)
     tt = tl.arange(0, L)
+    qh = _hbase(bh, NH, q_sb, q_sh)
+    gh = _hbase(bh, NH, dh_sb, dh_sh)
     for cc in range(0, NC):
         c = NC - 1 - cc
         tl.store(dCbuf_ptr + (bh * NC + c) * DQK * DV + cofs, _r16(dC, dCbuf_ptr.dtype.element_ty, UP), mask=cmask)
@@ -389,8 +453,11 @@ def _bwd_state_kernel(q_ptr, dh_ptr, rz_ptr, dd_ptr, seg_ptr, M_ptr, Ml_ptr, mbu
         st = tl.where(seg == 0, tl.exp((m_prev - Mth) - Mtl), 0.0) * scale
         t = c * L + tt
         mt = t < S
-        qq = tl.load(q_ptr + (bh * S + t[:, None]) * DQK + dk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        dh = tl.load(dh_ptr + (bh * S + t[:, None]) * DV + dv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        t0 = tl.cast(c, tl.int64) * L
+        qq = tl.load(q_ptr + (qh + t0 * q_st) + (tt[:, None] * q_st + dk[None, :]), mask=mt[:, None] & mk[None, :],
+                     other=0.0)
+        dh = tl.load(dh_ptr + (gh + t0 * dh_st) + (tt[:, None] * dh_st + dv[None, :]),
+                     mask=mt[:, None] & mv[None, :], other=0.0)
         rz = tl.load(rz_ptr + bh * S + t, mask=mt, other=0.0)
         dd = tl.load(dd_ptr + bh * S + t, mask=mt, other=0.0)
         dnum = dh.to(tl.float32) * (rz * st)[:, None]
@@ -432,10 +499,11 @@ def _split_diag(X, rr, rc):
 
 
 @triton.jit
-def _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, tq, mq, Mh, Ml, seg, rz, dd, bh, S,
+def _dq_tile(v_ptr, dh_ptr, vb, gb, v_st, dh_st, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, mq, Mh, Ml, seg, rz, dd, S,
              DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr,
              UP: tl.constexpr):
-    """X = dP * D for the query rows rq and key tile kj (dP = dh v^T / Z + d den); with the key positions."""
+    """X = dP * D for the query rows rq and key tile kj (dP = dh v^T / Z + d den); with the key rows and mask.
+    vb, gb: the chunk's bases in v and dh."""
     rk = kj * BT + tl.arange(0, BT)
     tk = c * L + rk
     mkv = tk < S
@@ -443,16 +511,17 @@ def _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, tq, mq, Mh, M
     for v0 in range(0, DV, BV):
         dv = v0 + tl.arange(0, BV)
         mv = dv < DV
-        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dh_ptr + gb + (rq[:, None] * dh_st + dv[None, :]), mask=mq[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + vb + (rk[:, None] * v_st + dv[None, :]), mask=mkv[:, None] & mv[None, :], other=0.0)
         dP += _dot(dh, tl.trans(vv), IP, UP)
     dP = dP * rz[:, None] + dd[:, None]
-    return dP * _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq), rk, tk, mkv
+    return dP * _decay(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq), rk, mkv
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
-                   Cbuf_ptr, nbuf_ptr, mbuf_ptr, dq_ptr, qdq_ptr, S, NC, BH, scale,
+                   Cbuf_ptr, nbuf_ptr, mbuf_ptr, dq_ptr, qdq_ptr, S, NC, BH, NH, scale,
+                   q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, dh_sb, dh_sh, dh_st, dq_sb, dq_sh, dq_st,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
                    SPLIT: tl.constexpr):
@@ -468,46 +537,53 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     mq = tq < S
     dk = pk * BK + tl.arange(0, BK)
     mk = dk < DQK
+    t0 = tl.cast(c, tl.int64) * L
+    qb = _hbase(bh, NH, q_sb, q_sh) + t0 * q_st
+    kb = _hbase(bh, NH, k_sb, k_sh) + t0 * k_st
+    vb = _hbase(bh, NH, v_sb, v_sh) + t0 * v_st
+    gb = _hbase(bh, NH, dh_sb, dh_sh) + t0 * dh_st
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
     Mh, Ml, seg, st, mt = _row_stab(b_ptr, seg_ptr, M_ptr, bl_ptr, Ml_ptr, so, rq, m_prev)
     rz = tl.load(rz_ptr + bh * S + tq, mask=mq, other=0.0)
     dd = tl.load(dd_ptr + bh * S + tq, mask=mq, other=0.0)
-    qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :], other=0.0)
     dt = qq.dtype
     acc = tl.zeros([BT, BK], dtype=tl.float32)
     sbase = (bh * NC + c) * DQK * DV
     for v0 in range(0, DV, BV):
         dv = v0 + tl.arange(0, BV)
         mv = dv < DV
-        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dh_ptr + gb + (rq[:, None] * dh_st + dv[None, :]), mask=mq[:, None] & mv[None, :], other=0.0)
         Cb = tl.load(Cbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         acc += _dot(dh, tl.trans(Cb.to(dt)), IP, UP)
     nb = tl.load(nbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
     # 1/Z is applied to the fp32 products, never rounded into a 16-bit dh (see _bwd_dk_kernel)
     acc = (acc * rz[:, None] + dd[:, None] * nb[None, :]) * st[:, None]
     for kj in range(0, qi):
-        X, rk, tk, mkv = _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, tq, mq, Mh, Ml, seg, rz, dd,
-                                  bh, S, DV, L, BT, BV, IP, UP)
-        kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+        X, rk, mkv = _dq_tile(v_ptr, dh_ptr, vb, gb, v_st, dh_st, a_ptr, al_ptr, seg_ptr, so, c, kj, rq, mq, Mh, Ml,
+                              seg, rz, dd, S, DV, L, BT, BV, IP, UP)
+        kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :], other=0.0)
         acc = _acc_dot(acc, X, kk, dt, IP, UP, SPLIT)
     # the diagonal tile last, its diagonal (the token's own term) apart: q.dq is written without it (see _backward)
-    X, rk, tk, mkv = _dq_tile(v_ptr, dh_ptr, a_ptr, al_ptr, seg_ptr, so, c, qi, rq, tq, mq, Mh, Ml, seg, rz, dd,
-                              bh, S, DV, L, BT, BV, IP, UP)
+    X, rk, mkv = _dq_tile(v_ptr, dh_ptr, vb, gb, v_st, dh_st, a_ptr, al_ptr, seg_ptr, so, c, qi, rq, mq, Mh, Ml,
+                          seg, rz, dd, S, DV, L, BT, BV, IP, UP)
     X, xd = _split_diag(X, rq, rk)
-    kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+    kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :], other=0.0)
     acc = _acc_dot(acc, X, kk, dt, IP, UP, SPLIT)
     tl.store(qdq_ptr + (pk * BH + bh) * S + tq, tl.sum(qq.to(tl.float32) * acc, 1) * scale, mask=mq)
     dq = (acc + xd[:, None] * kk.to(tl.float32)) * scale
-    tl.store(dq_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], _r16(dq, dq_ptr.dtype.element_ty, UP),
+    dqb = _hbase(bh, NH, dq_sb, dq_sh) + t0 * dq_st
+    tl.store(dq_ptr + dqb + (rq[:, None] * dq_st + dk[None, :]), _r16(dq, dq_ptr.dtype.element_ty, UP),
              mask=mq[:, None] & mk[None, :])
 
 
 @triton.jit
-def _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr, dd_ptr, so, c, qi,
-             rk, tk, mkv, m_prev, bh, S, scale,
+def _dk_tile(dh_ptr, v_ptr, vb, gb, v_st, dh_st, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr,
+             dd_ptr, so, c, qi, rk, mkv, m_prev, bh, S, scale,
              DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr,
              UP: tl.constexpr):
-    """X^T = (dP D)^T * scale for the key rows rk and query tile qi; with the query positions."""
+    """X^T = (dP D)^T * scale for the key rows rk and query tile qi; with the query rows and mask. vb, gb: the
+    chunk's bases in v and dh."""
     rq = qi * BT + tl.arange(0, BT)
     tq = c * L + rq
     mq = tq < S
@@ -518,20 +594,21 @@ def _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr,
     for v0 in range(0, DV, BV):
         dv = v0 + tl.arange(0, BV)
         mv = dv < DV
-        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
-        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + vb + (rk[:, None] * v_st + dv[None, :]), mask=mkv[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dh_ptr + gb + (rq[:, None] * dh_st + dv[None, :]), mask=mq[:, None] & mv[None, :], other=0.0)
         dPT += _dot(vv, tl.trans(dh), IP, UP)
     # dh and v are exact 16-bit inputs: their products are exact in fp32, and 1/Z is applied afterwards
     # (rounding dh / Z to 16 bits first was one more rounding in every product, for nothing; see _backward
     # for why the gate gradients are sensitive to such roundings)
     dPT = dPT * rz[None, :] + dd[None, :]
     DT = _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
-    return dPT * DT * scale, rq, tq, mq
+    return dPT * DT * scale, rq, mq
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
-                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, kdd_ptr, S, NC, BH, scale,
+                   dCbuf_ptr, dnbuf_ptr, mbuf_ptr, dk_ptr, kdk_ptr, kdki_ptr, kdd_ptr, S, NC, BH, NH, scale,
+                   q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, dh_sb, dh_sh, dh_st, dk_sb, dk_sh, dk_st,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr,
                    SPLIT: tl.constexpr):
@@ -547,44 +624,51 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, dh_ptr, rz_ptr, dd_ptr, b_ptr, a_ptr, se
     mkv = tk < S
     dk = pk * BK + tl.arange(0, BK)
     mk = dk < DQK
+    t0 = tl.cast(c, tl.int64) * L
+    qb = _hbase(bh, NH, q_sb, q_sh) + t0 * q_st
+    kb = _hbase(bh, NH, k_sb, k_sh) + t0 * k_st
+    vb = _hbase(bh, NH, v_sb, v_sh) + t0 * v_st
+    gb = _hbase(bh, NH, dh_sb, dh_sh) + t0 * dh_st
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
     w = _col_weights(a_ptr, al_ptr, seg_ptr, M_ptr, Ml_ptr, so, rk, m_prev, L)
-    kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+    kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :], other=0.0)
     dt = kk.dtype
     acc = tl.zeros([BT, BK], dtype=tl.float32)
     sbase = (bh * NC + c) * DQK * DV
     for v0 in range(0, DV, BV):
         dv = v0 + tl.arange(0, BV)
         mv = dv < DV
-        vv = tl.load(v_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], mask=mkv[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + vb + (rk[:, None] * v_st + dv[None, :]), mask=mkv[:, None] & mv[None, :], other=0.0)
         dCb = tl.load(dCbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         acc += _dot(vv, tl.trans(dCb.to(dt)), IP, UP)
     dnb = tl.load(dnbuf_ptr + (bh * NC + c) * DQK + dk, mask=mk, other=0.0)
     acc = (acc + dnb[None, :]) * w[:, None]
     tl.store(kdki_ptr + (pk * BH + bh) * S + tk, tl.sum(kk.to(tl.float32) * acc, 1), mask=mkv)
     for qi in range(kj + 1, NQ):
-        X, rq, tq, mq = _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr,
-                                 dd_ptr, so, c, qi, rk, tk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
-        qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+        X, rq, mq = _dk_tile(dh_ptr, v_ptr, vb, gb, v_st, dh_st, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
+                             rz_ptr, dd_ptr, so, c, qi, rk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
+        qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :], other=0.0)
         acc = _acc_dot(acc, X, qq, dt, IP, UP, SPLIT)
     # the diagonal tile last, its diagonal apart (as in _bwd_dq_kernel)
-    X, rq, tq, mq = _dk_tile(q_ptr, dh_ptr, v_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr, rz_ptr,
-                             dd_ptr, so, c, kj, rk, tk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
+    X, rq, mq = _dk_tile(dh_ptr, v_ptr, vb, gb, v_st, dh_st, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
+                         rz_ptr, dd_ptr, so, c, kj, rk, mkv, m_prev, bh, S, scale, DV, L, BT, BV, IP, UP)
     X, xd = _split_diag(X, rk, rq)
-    qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :], other=0.0)
     acc = _acc_dot(acc, X, qq, dt, IP, UP, SPLIT)
     kf = kk.to(tl.float32)
     tl.store(kdk_ptr + (pk * BH + bh) * S + tk, tl.sum(kf * acc, 1), mask=mkv)
     dd_k = xd[:, None] * qq.to(tl.float32)
     tl.store(kdd_ptr + (pk * BH + bh) * S + tk, tl.sum(kf * dd_k, 1), mask=mkv)
     acc += dd_k
-    tl.store(dk_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], _r16(acc, dk_ptr.dtype.element_ty, UP),
+    dkb = _hbase(bh, NH, dk_sb, dk_sh) + t0 * dk_st
+    tl.store(dk_ptr + dkb + (rk[:, None] * dk_st + dk[None, :]), _r16(acc, dk_ptr.dtype.element_ty, UP),
              mask=mkv[:, None] & mk[None, :])
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, bl_ptr, al_ptr, Ml_ptr,
-                   dCbuf_ptr, mbuf_ptr, dv_ptr, S, NC, scale,
+                   dCbuf_ptr, mbuf_ptr, dv_ptr, S, NC, NH, scale,
+                   q_sb, q_sh, q_st, k_sb, k_sh, k_st, dh_sb, dh_sh, dh_st, dv_sb, dv_sh, dv_st,
                    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IP: tl.constexpr, UP: tl.constexpr):
     NQ: tl.constexpr = L // BT
@@ -599,6 +683,10 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, b
     mkv = tk < S
     dv = pv * BV + tl.arange(0, BV)
     mv = dv < DV
+    t0 = tl.cast(c, tl.int64) * L
+    qb = _hbase(bh, NH, q_sb, q_sh) + t0 * q_st
+    kb = _hbase(bh, NH, k_sb, k_sh) + t0 * k_st
+    gb = _hbase(bh, NH, dh_sb, dh_sh) + t0 * dh_st
     m_prev = tl.load(mbuf_ptr + bh * NC + c)
     w = _col_weights(a_ptr, al_ptr, seg_ptr, M_ptr, Ml_ptr, so, rk, m_prev, L)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
@@ -606,7 +694,7 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, b
     for k0 in range(0, DQK, BK):
         dk = k0 + tl.arange(0, BK)
         mk = dk < DQK
-        kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :], other=0.0)
+        kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :], other=0.0)
         dCb = tl.load(dCbuf_ptr + sbase + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         acc += _dot(kk, dCb.to(kk.dtype), IP, UP)
     acc = acc * w[:, None]
@@ -620,15 +708,16 @@ def _bwd_dv_kernel(q_ptr, k_ptr, dh_ptr, rz_ptr, b_ptr, a_ptr, seg_ptr, M_ptr, b
         for k0 in range(0, DQK, BK):
             dk = k0 + tl.arange(0, BK)
             mk = dk < DQK
-            kk = tl.load(k_ptr + (bh * S + tk[:, None]) * DQK + dk[None, :], mask=mkv[:, None] & mk[None, :],
+            kk = tl.load(k_ptr + kb + (rk[:, None] * k_st + dk[None, :]), mask=mkv[:, None] & mk[None, :],
                          other=0.0)
-            qq = tl.load(q_ptr + (bh * S + tq[:, None]) * DQK + dk[None, :], mask=mq[:, None] & mk[None, :],
+            qq = tl.load(q_ptr + qb + (rq[:, None] * q_st + dk[None, :]), mask=mq[:, None] & mk[None, :],
                          other=0.0)
             sT += _dot(kk, tl.trans(qq), IP, UP)
         DT = _decay_T(a_ptr, al_ptr, seg_ptr, so, rk, Mh, Ml, seg, rq)
-        dh = tl.load(dh_ptr + (bh * S + tq[:, None]) * DV + dv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dh_ptr + gb + (rq[:, None] * dh_st + dv[None, :]), mask=mq[:, None] & mv[None, :], other=0.0)
         acc += _dot(_r16(sT * DT * (scale * rz)[None, :], dh.dtype, UP), dh, IP, UP)
-    tl.store(dv_ptr + (bh * S + tk[:, None]) * DV + dv[None, :], _r16(acc, dv_ptr.dtype.element_ty, UP),
+    dvb = _hbase(bh, NH, dv_sb, dv_sh) + t0 * dv_st
+    tl.store(dv_ptr + dvb + (rk[:, None] * dv_st + dv[None, :]), _r16(acc, dv_ptr.dtype.element_ty, UP),
              mask=mkv[:, None] & mv[None, :])
 
 
@@ -647,7 +736,65 @@ def _upcast_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _strides(t: torch.Tensor):
+    """(batch, head, token) strides of a (B, NH, S, D) tensor, 0 along a dim of size 1 (its only index is 0, and
+    torch gives such dims arbitrary strides)."""
+    return tuple(0 if t.shape[d] == 1 else t.stride(d) for d in range(3))
+
+
+def _in_place_ok(t: torch.Tensor, L: int) -> bool:
+    """Whether the kernels can address t as it is: last dim contiguous, and the int32 offsets inside a chunk
+    (token < 2 L, times the token stride, plus the head dim) cannot overflow."""
+    st = 0 if t.shape[2] == 1 else t.stride(2)
+    return (t.shape[3] == 1 or t.stride(3) == 1) and 2 * L * st + t.shape[3] < 2 ** 31
+
+
+def _as_kernel_input(t: torch.Tensor, L: int) -> torch.Tensor:
+    """t itself when the kernels can read it in place (any batch / head / token strides), else a contiguous copy."""
+    return t if _in_place_ok(t, L) else t.contiguous()
+
+
+def _empty_in_layout_of(ref: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (B, NH, S, D) tensor laid out like ref: a (B, S, NH, D) buffer seen as (B, NH, S, D) when ref has
+    its heads inside its tokens (the layers' transposed projections: the caller's transpose back is then free, and
+    a gradient in that layout needs no copy in autograd), else contiguous."""
+    B, NH, S = ref.shape[:3]
+    if NH > 1 and S > 1 and ref.stride(1) < ref.stride(2):
+        return torch.empty(B, S, NH, D, device=ref.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(B, NH, S, D, device=ref.device, dtype=dtype)
+
+
+def _states(k, v, sc, C0, n0, m0, S, NC, cfg: MLSTMTritonConfig, dtype: torch.dtype):
+    """K1: every chunk's incoming state (Cbuf in ``dtype``, nbuf, mbuf) and the final state (C, n, m). The forward
+    and, with cfg.recompute_states, the backward call this with the same inputs: the same kernel on the same data,
+    so the recomputed states are bit-identical to the forward's."""
+    B, NH, _, DQK = k.shape
+    DV = v.shape[-1]
+    BH = B * NH
+    dev = k.device
+    f32 = torch.float32
+    # the chunk states are only ever consumed as dot operands in q's dtype, so they are stored in it (half the
+    # traffic for bf16); the recurrence itself runs in fp32 registers
+    Cbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=dtype)
+    nbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
+    mbuf = torch.empty(BH, NC, device=dev, dtype=f32)
+    C = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
+    n = torch.empty(B, NH, DQK, device=dev, dtype=f32)
+    m = torch.empty(B, NH, device=dev, dtype=f32)
+    has_state = C0 is not None
+    BKs, BVs = cfg.block_k_state, cfg.block_v_state
+    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
+    _fwd_state_kernel[grid](k, v, *sc, C0 if has_state else C, n0 if has_state else n,
+                            m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, NH, *_strides(k), *_strides(v),
+                            DQK=DQK, DV=DV, HAS_STATE=has_state, L=cfg.chunk, BK=BKs, BV=BVs, IP=_ip(dtype),
+                            UP=_upcast_dots(dtype), num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
+    return Cbuf, nbuf, mbuf, C, n, m
+
+
 def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
+    """q, k, v: (B, NH, S, D) with any batch / head / token strides and a contiguous last dim (_in_place_ok).
+    Returns h (B, NH, S, DV) in v's layout, the final state, the gate scalars (sb, sa, sseg, sM, sbl, sal, sMl),
+    the chunk states (Cbuf, nbuf, mbuf) and the per-token (den, m) that the backward reads."""
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
     BH = B * NH
@@ -663,36 +810,26 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     has_reset = resets is not None
     r_arg = resets.to(torch.int8).contiguous() if has_reset else sb
     _scalars_kernel[(NC, BH)](f, i, r_arg, sb, sa, sseg, sM, sbl, sal, sMl, S, NC, NH, HAS_RESET=has_reset, L=L)
+    sc = (sb, sa, sseg, sM, sbl, sal, sMl)
 
-    # the chunk states are only ever consumed as dot operands in q's dtype, so they are stored in it (half the
-    # traffic for bf16); the recurrence itself runs in fp32 registers
-    Cbuf = torch.empty(BH, NC, DQK, DV, device=dev, dtype=q.dtype)
-    nbuf = torch.empty(BH, NC, DQK, device=dev, dtype=f32)
-    mbuf = torch.empty(BH, NC, device=dev, dtype=f32)
-    C = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
-    n = torch.empty(B, NH, DQK, device=dev, dtype=f32)
-    m = torch.empty(B, NH, device=dev, dtype=f32)
-    has_state = C0 is not None
+    Cbuf, nbuf, mbuf, C, n, m = _states(k, v, sc, C0, n0, m0, S, NC, cfg, q.dtype)
     ip = _ip(q.dtype)
     up = _upcast_dots(q.dtype)
-    BKs, BVs = cfg.block_k_state, cfg.block_v_state
-    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
-    _fwd_state_kernel[grid](k, v, sb, sa, sseg, sM, sbl, sal, sMl, C0 if has_state else C, n0 if has_state else n,
-                            m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, DQK=DQK, DV=DV,
-                            HAS_STATE=has_state, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
-                            num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
-    h = torch.empty(B, NH, S, DV, device=dev, dtype=q.dtype)
+    h = _empty_in_layout_of(v, DV, q.dtype)
     den = torch.empty(B, NH, S, device=dev, dtype=f32)
     mt = torch.empty(B, NH, S, device=dev, dtype=f32)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
     grid = (NC * (L // cfg.block_t), triton.cdiv(DV, BV), BH)
-    _fwd_out_kernel[grid](q, k, v, sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, h, den, mt, S, NC, DQK ** -0.5, eps,
+    _fwd_out_kernel[grid](q, k, v, *sc, Cbuf, nbuf, mbuf, h, den, mt, S, NC, NH, DQK ** -0.5, eps,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(h),
                           DQK=DQK, DV=DV, L=L, BT=cfg.block_t, BK=BK, BV=BV, IP=ip, UP=up,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return h, C, n, m, (sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, den, mt)
+    return h, C, n, m, sc, (Cbuf, nbuf, mbuf), (den, mt)
 
 
-def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfig, has_state: bool):
+def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonConfig):
+    """states: the forward's (Cbuf, nbuf, mbuf); dm: its (den, m) per token. dq, dk, dv come back in the layouts
+    of q, k, v (see _empty_in_layout_of); dh is read with its own strides."""
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
     BH = B * NH
@@ -700,16 +837,18 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     NC = triton.cdiv(S, L)
     dev = q.device
     f32 = torch.float32
-    sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, den, mt = saved
+    sb, sa, sseg, sM, sbl, sal, sMl = sc
+    Cbuf, nbuf, mbuf = states
+    den, mt = dm
     scale = DQK ** -0.5
     ip = _ip(q.dtype)
     up = _upcast_dots(q.dtype)
-    dh = dh.contiguous()
+    dh = _as_kernel_input(dh, L)
     rz = torch.empty(B, NH, S, device=dev, dtype=f32)
     dd = torch.empty_like(rz)
-    R = BH * S
-    _bwd_prep_kernel[(triton.cdiv(R, 32),)](h, dh, den, mt, rz, dd, R, eps, DV=DV, BR=32,
-                                            BV=min(128, _pow2_at_least16(DV)), num_warps=4)
+    BR = 32
+    _bwd_prep_kernel[(triton.cdiv(S, BR), BH)](h, dh, den, mt, rz, dd, S, NH, eps, *_strides(h), *_strides(dh),
+                                               DV=DV, BR=BR, BV=min(128, _pow2_at_least16(DV)), num_warps=4)
     has_dstate = dC is not None or dn is not None
     dCT = dC.float().contiguous() if dC is not None else torch.zeros(B, NH, DQK, DV, device=dev, dtype=f32)
     dnT = dn.float().contiguous() if dn is not None else torch.zeros(B, NH, DQK, device=dev, dtype=f32)
@@ -720,15 +859,16 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
     grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
     Epart = torch.empty(grid[0] * grid[1], BH, NC, device=dev, dtype=f32)
-    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, sMl, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart, S, NC, BH, scale,
+    _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, sMl, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart,
+                            S, NC, BH, NH, scale, *_strides(q), *_strides(dh),
                             DQK=DQK, DV=DV, HAS_DSTATE=has_dstate, L=L, BK=BKs, BV=BVs, IP=ip, UP=up,
                             num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
     BT = cfg.block_t
     NK = triton.cdiv(DQK, BK)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _empty_in_layout_of(q, DQK, q.dtype)
+    dk = _empty_in_layout_of(k, DQK, k.dtype)
+    dv = _empty_in_layout_of(v, DV, v.dtype)
     qdq = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdk = torch.empty(NK, BH, S, device=dev, dtype=f32)
     kdki = torch.empty(NK, BH, S, device=dev, dtype=f32)
@@ -739,15 +879,17 @@ def _backward(q, k, v, f, h, dh, dC, dn, C, n, saved, eps, cfg: MLSTMTritonConfi
     # formed, cancel to ~1/sqrt(D) of their terms, so a single rounding cost d_f 1.8e-2 (bf16, DQK=512) and
     # 9e-3 (DQK=128); split: 2.6e-3 and 1.7e-3 (float64 reference, same inputs)
     split = q.dtype != torch.float32
-    _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, sbl, sal, sMl, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH,
-                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up, SPLIT=split,
+    qkvh = (*_strides(q), *_strides(k), *_strides(v), *_strides(dh))
+    _bwd_dq_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, *sc, Cbuf, nbuf, mbuf, dq, qdq, S, NC, BH, NH, scale,
+                                 *qkvh, *_strides(dq),
+                                 DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up, SPLIT=split,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, sb, sa, sseg, sM, sbl, sal, sMl, dCbuf, dnbuf, mbuf, dk, kdk,
-                                 kdki, kdd, S, NC, BH,
-                                 scale, DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+    _bwd_dk_kernel[(nt, NK, BH)](q, k, v, dh, rz, dd, *sc, dCbuf, dnbuf, mbuf, dk, kdk, kdki, kdd, S, NC, BH, NH,
+                                 scale, *qkvh, *_strides(dk),
+                                 DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                  SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, sb, sa, sseg, sM, sbl, sal, sMl, dCbuf, mbuf, dv,
-                                                  S, NC, scale,
+    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, *sc, dCbuf, mbuf, dv, S, NC, NH, scale,
+                                                  *_strides(q), *_strides(k), *_strides(dh), *_strides(dv),
                                                   DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     di, df = _gate_grads(f, qdq, kdk, kdki, kdd, Epart, B, NH, S, NC, L)
@@ -779,28 +921,43 @@ def _gate_grads(f, qdq, kdk, kdki, kdd, Epart, B, NH, S, NC, L):
 class _MLSTMTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, resets, eps, cfg):
-        qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+        L = cfg.chunk
+        # q, k, v as given (copied only without a contiguous last dim): they are also the tensors kept for the
+        # backward, so a transposed view of the layer's projections costs no copy and no extra memory
+        qc, kc, vc = (_as_kernel_input(t, L) for t in (q, k, v))
         ic, fc = i.float().contiguous(), f.float().contiguous()
         C0c = C0.float().contiguous() if C0 is not None else None
         n0c = n0.float().contiguous() if n0 is not None else None
         m0c = m0.detach().float().contiguous() if m0 is not None else None
-        h, C, n, m, saved = _forward(qc, kc, vc, ic, fc, C0c, n0c, m0c, resets, eps, cfg)
-        ctx.save_for_backward(qc, kc, vc, fc, h, C, n, *saved)
-        ctx.eps, ctx.cfg, ctx.has_state = eps, cfg, C0 is not None
+        h, C, n, m, sc, states, dm = _forward(qc, kc, vc, ic, fc, C0c, n0c, m0c, resets, eps, cfg)
+        recompute = cfg.recompute_states
+        if recompute is None:
+            recompute = recompute_default(q.shape[-1], v.shape[-1])
+        # recompute: keep the initial state instead of the chunk states (one state against S / L of them)
+        kept = (C0c, n0c, m0c) if recompute else states
+        ctx.save_for_backward(qc, kc, vc, fc, h, *sc, *kept, *dm)
+        ctx.eps, ctx.cfg, ctx.recompute = eps, cfg, recompute
         ctx.dtypes = (i.dtype, f.dtype, None if C0 is None else C0.dtype, None if n0 is None else n0.dtype)
         ctx.mark_non_differentiable(m)
         return h, C, n, m
 
     @staticmethod
     def backward(ctx, dh, dC, dn, dm):
-        qc, kc, vc, fc, h, C, n, *saved = ctx.saved_tensors
+        qc, kc, vc, fc, h, *rest = ctx.saved_tensors
+        sc, kept, dmt = tuple(rest[:7]), tuple(rest[7:10]), tuple(rest[10:])
+        if ctx.recompute:
+            S = qc.shape[2]
+            states = _states(kc, vc, sc, *kept, S, triton.cdiv(S, ctx.cfg.chunk), ctx.cfg, qc.dtype)[:3]
+        else:
+            states = kept
         if dh is None:
             dh = torch.zeros_like(h)
-        dq, dk, dv, di, df, dC0, dn0 = _backward(qc, kc, vc, fc, h, dh, dC, dn, C, n, saved, ctx.eps, ctx.cfg,
-                                                 ctx.has_state)
+        dq, dk, dv, di, df, dC0, dn0 = _backward(qc, kc, vc, fc, h, dh, dC, dn, sc, states, dmt, ctx.eps, ctx.cfg)
+        del states
+        has_state = ctx.dtypes[2] is not None
         idt, fdt, cdt, ndt = ctx.dtypes
-        dC0 = dC0.to(cdt) if ctx.has_state else None
-        dn0 = dn0.to(ndt) if ctx.has_state else None
+        dC0 = dC0.to(cdt) if has_state else None
+        dn0 = dn0.to(ndt) if has_state else None
         return dq, dk, dv, di.to(idt), df.to(fdt), dC0, dn0, None, None, None, None
 
 
@@ -810,6 +967,15 @@ def mlstm_chunkwise_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets:
 
     q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); state None or (C, n, m) with m (B, NH).
     Returns h (B, NH, S, DV) in q's dtype and the final state (C, n, m) in float32.
+
+    Layouts: q, k, v are read in place whatever their batch / head / token strides, as long as their last dim is
+    contiguous (else they are copied once); e.g. ``x.view(B, S, NH, D).transpose(1, 2)`` of a (B, S, NH * D)
+    projection costs no copy, and those are the tensors kept for the backward. h is returned in v's layout (for
+    that view: ``h.transpose(1, 2)`` is contiguous), and the gradients of q, k, v in their layouts.
+
+    Memory: ``config.recompute_states`` (None: :func:`recompute_default`, which the environment variable
+    FASTXLSTM_MLSTM_RECOMPUTE=0/1 overrides) makes the backward recompute the per-chunk states instead of keeping
+    them from the forward; the results are bit-identical either way.
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton mLSTM kernels take float16, bfloat16 or float32 inputs, got {q.dtype}")
