@@ -131,36 +131,25 @@ class _FloatGateLinear(torch.autograd.Function):
         for x in xs:
             acc = torch.promote_types(acc, x.dtype)
         widths = [x.shape[-1] for x in xs]
-        # compiled with 16-bit inputs (the CUDA training step): the products as fused reductions that convert x in
-        # registers (cuBLAS needs a float32 copy of each x, and its float32 GEMMs with G <= 16 outputs ran on the
-        # SIMT cores: ~30 ms of the 350m step with the copies)
-        fused = torch.compiler.is_compiling() and all(x.dtype in (torch.float16, torch.bfloat16) for x in xs)
         with torch.autocast(xs[0].device.type, enabled=False):
             ws = weight.to(acc).split(widths, dim=1)
             y = bias.to(acc).expand(*xs[0].shape[:-1], weight.shape[0])
             for x, w in zip(xs, ws):
-                y = y + ((x.unsqueeze(-2).to(acc) * w).sum(-1) if fused else F.linear(x.to(acc), w))
+                y = y + F.linear(x.to(acc), w)
         ctx.save_for_backward(weight, *xs)
-        ctx.widths, ctx.acc, ctx.bias_dtype, ctx.fused = widths, acc, bias.dtype, fused
+        ctx.widths, ctx.acc, ctx.bias_dtype = widths, acc, bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
         weight, *xs = ctx.saved_tensors
-        acc, fused = ctx.acc, ctx.fused
+        acc = ctx.acc
         g2 = gy.to(acc).reshape(-1, gy.shape[-1])  # (N, G)
         gxs, gws = [], []
         with torch.autocast(xs[0].device.type, enabled=False):
             for j, (x, w) in enumerate(zip(xs, weight.to(acc).split(ctx.widths, dim=1))):
-                if not ctx.needs_input_grad[2 + j]:
-                    gxs.append(None)
-                elif fused:  # a sum over the G outputs per element of x, fused with the rounding to x's dtype
-                    gxs.append((gy.to(acc).unsqueeze(-1) * w).sum(-2).to(x.dtype))
-                else:
-                    gxs.append((gy.to(acc) @ w).to(x.dtype))
-                x2 = x.reshape(-1, x.shape[-1])
-                # fused: one 16-bit GEMM (float32 accumulation) on x as it is, as autocast's linear layers do
-                gws.append((g2.to(x.dtype).t() @ x2).to(acc) if fused else g2.t() @ x2.to(acc))
+                gxs.append((gy.to(acc) @ w).to(x.dtype) if ctx.needs_input_grad[2 + j] else None)
+                gws.append(g2.t() @ x.to(acc).reshape(-1, x.shape[-1]))
             gw = torch.cat(gws, dim=1).to(weight.dtype)
             gb = g2.sum(0).to(ctx.bias_dtype)
         return (gw, gb, *gxs)
