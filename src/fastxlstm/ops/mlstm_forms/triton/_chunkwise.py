@@ -33,8 +33,8 @@ bit-identical states).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -92,8 +92,81 @@ def recompute_default(DQK: int, DV: int) -> bool:
     return DQK * DV >= 256 * 256
 
 
+CHUNK_ENV = "FASTXLSTM_MLSTM_CHUNK"
+
+
+def auto_tiling(BH: int, S: int, DQK: int, DV: int, n_sm: int) -> Tuple[int, Optional[int]]:
+    """(chunk length, state tile width or None for the default) for B * NH = BH sequences of S tokens on a GPU with
+    n_sm SMs: what the default chunk_size 64 means on CUDA (``FASTXLSTM_MLSTM_CHUNK=N`` fixes N instead).
+
+    The two state kernels walk the chunks one after another, one program per (batch x head, state tile); each
+    chunk step costs a few microseconds of load latency whatever its length. Measured on an H200
+    (benchmarks/sweep_mlstm_chunk.py, forward + backward, 16k tokens per call): heads of 128 / 256 with enough
+    programs to fill the GPU (BH x tiles >= n_sm / 2, e.g. batch 8 at 2k) are fastest with chunks of 64 (the
+    in-chunk kernels grow with L); with few programs (batch 1-2 at 8k-16k) chunks of 256 and state tiles 32 wide
+    (twice the programs) were 15-25% faster; large heads (DQK * DV >= 256 * 256, the 350m's 512 / 512) were ~9%
+    faster with 128 at every context. Never longer than the sequence (rounded up to a power of two), never below
+    64."""
+    bvs = None
+    if DQK * DV >= 256 * 256:
+        L = 128
+    else:
+        bk = min(_pow2_at_least16(DQK), 128)
+        programs = BH * _cdiv(DQK, bk) * _cdiv(DV, 64)
+        if 2 * programs >= n_sm:
+            L = 64
+        else:
+            L, bvs = 256, 32
+    L = max(64, min(L, _next_pow2(max(int(S), 1))))
+    return L, bvs
+
+
+def tiling_for(chunk_size: Optional[int], q: torch.Tensor, DV: int) -> Tuple[int, Optional[int]]:
+    """(chunk length, state tile width or None) the Triton path runs: ``FASTXLSTM_MLSTM_CHUNK`` (an int, or
+    "auto") when set; otherwise an explicit chunk_size other than the default 64 as given; the default (64 or
+    None) on CUDA by :func:`auto_tiling`, elsewhere (the CPU interpreter) 64."""
+    env = os.environ.get(CHUNK_ENV, "").strip().lower()
+    if env and env != "auto":
+        try:
+            val = int(env)
+        except ValueError:
+            val = -1
+        if val not in (16, 32, 64, 128, 256):
+            raise ValueError(f"{CHUNK_ENV} must be auto or one of 16, 32, 64, 128, 256, got {env!r}")
+        return val, None
+    if chunk_size not in (None, 64) and env != "auto":
+        return int(chunk_size), None
+    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        B, NH, S, DQK = q.shape
+        return auto_tiling(B * NH, S, DQK, DV, _sm_count(q.device))
+    return 64, None
+
+
+def with_state_tile(cfg: MLSTMTritonConfig, block_v_state: Optional[int]) -> MLSTMTritonConfig:
+    """cfg with the state kernels' DV tile set (None: cfg as it is)."""
+    return cfg if block_v_state is None else replace(cfg, block_v_state=block_v_state)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    key = (device.type, device.index)
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _cdiv(a: int, b: int) -> int:  # plain ints: triton.cdiv is a JIT-callable object (microseconds per call)
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (int(x) - 1).bit_length() if x > 1 else 1
+
+
 def _pow2_at_least16(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
+    return max(16, _next_pow2(int(x)))
 
 
 def default_config(DQK: int, DV: int, chunk: int = 64, recompute_states: Optional[bool] = None) -> MLSTMTritonConfig:

@@ -1,0 +1,48 @@
+"""The Triton mLSTM path's chunk length: the tuned rule (auto_tiling), explicit values, the environment override."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from oracles import require_oracle  # noqa: E402
+
+require_oracle("triton")
+from fastxlstm.ops.mlstm_forms.triton._chunkwise import (CHUNK_ENV, _cdiv, _next_pow2, auto_tiling,  # noqa: E402
+                                                         tiling_for)
+
+
+@pytest.mark.parametrize("BH,S,DQK,DV,expected", [
+    (32, 2048, 128, 256, (64, None)),    # 7b-400m at 2k context, B=8: 128 state programs on 132 SMs
+    (8, 8192, 128, 256, (256, 32)),      # B=2 at 8k: 32 programs -> long chunks, narrower state tiles
+    (4, 16384, 128, 256, (256, 32)),     # B=1 at 16k
+    (32, 2048, 512, 512, (128, None)),   # 350m heads (512 / 512): 128 at any context
+    (4, 16384, 512, 512, (128, None)),
+    (1, 100, 128, 256, (128, 32)),       # never longer than the sequence (rounded up to a power of two) ...
+    (1, 10, 128, 256, (64, 32)),         # ... nor below 64
+])
+def test_auto_tiling(BH, S, DQK, DV, expected):
+    assert auto_tiling(BH, S, DQK, DV, n_sm=132) == expected
+
+
+def test_int_helpers():
+    assert [_next_pow2(x) for x in (1, 2, 3, 64, 65, 100)] == [1, 2, 4, 64, 128, 128]
+    assert [_cdiv(a, b) for a, b in ((5, 2), (4, 2), (1, 64), (0, 3))] == [3, 2, 1, 0]
+
+
+def test_tiling_for_cpu_explicit_and_env(monkeypatch):
+    q = torch.randn(1, 2, 300, 32)
+    monkeypatch.delenv(CHUNK_ENV, raising=False)
+    assert tiling_for(None, q, 32) == (64, None) and tiling_for(64, q, 32) == (64, None)  # no GPU: the default
+    assert tiling_for(128, q, 32) == (128, None)  # explicit values as given
+    monkeypatch.setenv(CHUNK_ENV, "32")
+    assert tiling_for(None, q, 32) == (32, None) and tiling_for(128, q, 32) == (32, None)  # the override wins
+    monkeypatch.setenv(CHUNK_ENV, "auto")
+    assert tiling_for(128, q, 32) == (64, None)  # auto: the rule (on the CPU: 64)
+    for bad in ("48", "fast", "0"):
+        monkeypatch.setenv(CHUNK_ENV, bad)
+        with pytest.raises(ValueError, match=CHUNK_ENV):
+            tiling_for(None, q, 32)
