@@ -189,8 +189,12 @@ def test_float_gate_linear_equals_cat_linear():
     assert y.dtype == torch.float32
     exact = F.linear(torch.cat([x.double() for x in xb], -1), W.detach(), b.detach())
     assert _rel(y, exact) < 1e-6  # float32 accumulation of exact bf16 inputs (a bf16 result would be ~2e-3)
-    y.sum().backward()
+    g = torch.randn_like(y)
+    y.backward(g)
     assert all(x.grad.dtype == torch.bfloat16 for x in xb) and Wf.grad.dtype == torch.float32
+    # the weight gradient: one bf16 GEMM on the bf16 inputs (float32 accumulation; g rounded to bf16)
+    gw_exact = g.double().reshape(-1, 4).t() @ torch.cat([x.detach().double() for x in xb], -1).reshape(-1, 18)
+    assert _rel(Wf.grad, gw_exact) < 1e-2  # measured ~2e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ from fastxlstm.ops.mlstm_forms.triton._chunkwise import (CHUNK_ENV, _cdiv, _next
 
 @pytest.mark.parametrize("BH,S,DQK,DV,expected", [
     (32, 2048, 128, 256, (64, None)),    # 7b-400m at 2k context, B=8: 128 state programs on 132 SMs
-    (8, 8192, 128, 256, (256, 32)),      # B=2 at 8k: 32 programs -> long chunks, narrower state tiles
-    (4, 16384, 128, 256, (256, 32)),     # B=1 at 16k
+    (8, 8192, 128, 256, (128, 32)),      # B=2 at 8k: 32 programs -> longer chunks, narrower state tiles
+    (4, 16384, 128, 256, (128, 32)),     # B=1 at 16k
     (32, 2048, 512, 512, (128, None)),   # 350m heads (512 / 512): 128 at any context
     (4, 16384, 512, 512, (128, None)),
-    (1, 100, 128, 256, (128, 32)),       # never longer than the sequence (rounded up to a power of two) ...
+    (1, 40, 128, 256, (64, 32)),         # never longer than the sequence (rounded up to a power of two) ...
     (1, 10, 128, 256, (64, 32)),         # ... nor below 64
 ])
 def test_auto_tiling(BH, S, DQK, DV, expected):

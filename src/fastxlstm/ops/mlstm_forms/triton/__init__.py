@@ -18,8 +18,8 @@ def mlstm_triton(q, k, v, i, f, state=None, eps: float = 1e-6, resets=None, chun
     q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); state None or (C (B, NH, DQK, DV), n (B, NH, DQK),
     m (B, NH)); resets None or (B, S) bool. Returns h (B, NH, S, DV) in q's dtype and (C, n, m) in float32.
     ``chunk_size``: the kernels' chunk length (the state is stored every chunk_size tokens), a power of two in
-    [16, 256]. None or the default 64 means "tuned" on CUDA: 64 where the batch x heads fill the GPU, 256 (with
-    narrower state tiles) for long sequences at small batch, 128 for heads with DQK * DV >= 256^2 (fewer
+    [16, 256]. None or the default 64 means "tuned" for 16-bit inputs on CUDA: 64 where the batch x heads fill the
+    GPU, 128 (with narrower state tiles) for long sequences at small batch, 128 for heads with DQK * DV >= 256^2 (fewer
     sequential steps in the state kernels; measured, see ``_chunkwise.auto_tiling``), the same results up to
     rounding; ``FASTXLSTM_MLSTM_CHUNK=N`` fixes N. Any S works (no padding needed by the caller), and S is not a
     compile-time constant, so new lengths do not recompile.

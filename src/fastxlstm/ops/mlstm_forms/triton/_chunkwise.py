@@ -103,10 +103,11 @@ def auto_tiling(BH: int, S: int, DQK: int, DV: int, n_sm: int) -> Tuple[int, Opt
     chunk step costs a few microseconds of load latency whatever its length. Measured on an H200
     (benchmarks/sweep_mlstm_chunk.py, forward + backward, 16k tokens per call): heads of 128 / 256 with enough
     programs to fill the GPU (BH x tiles >= n_sm / 2, e.g. batch 8 at 2k) are fastest with chunks of 64 (the
-    in-chunk kernels grow with L); with few programs (batch 1-2 at 8k-16k) chunks of 256 and state tiles 32 wide
-    (twice the programs) were 15-25% faster; large heads (DQK * DV >= 256 * 256, the 350m's 512 / 512) were ~9%
-    faster with 128 at every context. Never longer than the sequence (rounded up to a power of two), never below
-    64."""
+    in-chunk kernels grow with L); with few programs (batch 1-2 at 8k-16k) chunks of 128 with state tiles 32 wide
+    (twice the programs) were 10-30% faster in two runs (256 was faster in one run and slower in the other); large
+    heads (DQK * DV >= 256 * 256, the 350m's 512 / 512) were ~9% faster with 128 at every context. Never longer
+    than the sequence (rounded up to a power of two), never below 64. For 16-bit inputs only (the callers apply it
+    to them): float32 tiles need twice the shared memory, and 128 / 256 ran out of it on an H200."""
     bvs = None
     if DQK * DV >= 256 * 256:
         L = 128
@@ -116,7 +117,7 @@ def auto_tiling(BH: int, S: int, DQK: int, DV: int, n_sm: int) -> Tuple[int, Opt
         if 2 * programs >= n_sm:
             L = 64
         else:
-            L, bvs = 256, 32
+            L, bvs = 128, 32
     L = max(64, min(L, _next_pow2(max(int(S), 1))))
     return L, bvs
 
@@ -124,7 +125,7 @@ def auto_tiling(BH: int, S: int, DQK: int, DV: int, n_sm: int) -> Tuple[int, Opt
 def tiling_for(chunk_size: Optional[int], q: torch.Tensor, DV: int) -> Tuple[int, Optional[int]]:
     """(chunk length, state tile width or None) the Triton path runs: ``FASTXLSTM_MLSTM_CHUNK`` (an int, or
     "auto") when set; otherwise an explicit chunk_size other than the default 64 as given; the default (64 or
-    None) on CUDA by :func:`auto_tiling`, elsewhere (the CPU interpreter) 64."""
+    None) for 16-bit inputs on CUDA by :func:`auto_tiling`, otherwise (float32, the CPU interpreter) 64."""
     env = os.environ.get(CHUNK_ENV, "").strip().lower()
     if env and env != "auto":
         try:
@@ -136,7 +137,7 @@ def tiling_for(chunk_size: Optional[int], q: torch.Tensor, DV: int) -> Tuple[int
         return val, None
     if chunk_size not in (None, 64) and env != "auto":
         return int(chunk_size), None
-    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and os.environ.get("TRITON_INTERPRET", "0") != "1":
         B, NH, S, DQK = q.shape
         return auto_tiling(B * NH, S, DQK, DV, _sm_count(q.device))
     return 64, None
