@@ -34,6 +34,8 @@ CASES = {
     # chunk_size honoured on the Triton path (ops.mlstm(..., chunk_size=)): through mlstm_triton's chunk_size
     "fp32_chunk16": (2, 1, 45, 16, 16, "float32", True, "mixed", "normal", "chunk16"),
     "fp32_chunk128": (1, 2, 150, 16, 32, "float32", True, None, "normal", "chunk128"),
+    # what the tuned rule runs at small batch on CUDA (auto_tiling): chunks of 128 with narrower state tiles
+    "bf16_tuned_small_batch": (1, 2, 150, 16, 32, "bfloat16", True, "mixed", "normal", "tuned"),
     # eps = 0 with a stabiliser beyond exp()'s range and a zero query (q . n = 0), S not a multiple of the chunk
     # (the padded tail): no 0 / 0 (issue 14 item 3)
     "fp32_eps0_large_m": (1, 2, 45, 16, 16, "float32", True, None, "eps0", "small"),
@@ -92,7 +94,8 @@ def _worker() -> dict:
     from fastxlstm.ops.mlstm_forms.chunkwise import mlstm_chunkwise
     from fastxlstm.ops.mlstm_forms.reference import mlstm_reference, mlstm_step_reference
     from fastxlstm.ops.mlstm_forms.triton import mlstm_step_triton, mlstm_triton
-    from fastxlstm.ops.mlstm_forms.triton._chunkwise import MLSTMTritonConfig, default_config, mlstm_chunkwise_triton
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import (MLSTMTritonConfig, default_config, mlstm_chunkwise_triton,
+                                                             with_state_tile)
 
     small = MLSTMTritonConfig(chunk=32, block_t=16, block_k=16, block_v=16, block_k_state=16, block_v_state=16)
     results = {}
@@ -125,7 +128,10 @@ def _worker() -> dict:
             L = int(cfgname[5:])
             fn = lambda q, k, v, i, f, s, r: mlstm_triton(q, k, v, i, f, s, eps, r, chunk_size=L)  # noqa: E731
         else:
-            cfg = small if cfgname == "small" else default_config(DQK, DV)
+            if cfgname == "tuned":
+                cfg = with_state_tile(default_config(DQK, DV, chunk=128), 16)
+            else:
+                cfg = small if cfgname == "small" else default_config(DQK, DV)
             fn = lambda q, k, v, i, f, s, r: mlstm_chunkwise_triton(q, k, v, i, f, s, eps, r, cfg)  # noqa: E731
         got = _run(case, fn, dtype, resets)
         ref = _run(case, lambda q, k, v, i, f, s, r: mlstm_reference(q, k, v, i, f, s, eps, r),
