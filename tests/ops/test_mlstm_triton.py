@@ -35,7 +35,7 @@ CASES = {
     "fp32_chunk16": (2, 1, 45, 16, 16, "float32", True, "mixed", "normal", "chunk16"),
     "fp32_chunk128": (1, 2, 150, 16, 32, "float32", True, None, "normal", "chunk128"),
     # what the tuned rule runs at small batch on CUDA (auto_tiling): chunks of 128 with narrower state tiles
-    "bf16_tuned_small_batch": (1, 2, 150, 16, 32, "bfloat16", True, "mixed", "normal", "tuned"),
+    "bf16_tuned_small_batch": (2, 1, 150, 16, 32, "bfloat16", True, "mixed", "normal", "tuned"),
     # eps = 0 with a stabiliser beyond exp()'s range and a zero query (q . n = 0), S not a multiple of the chunk
     # (the padded tail): no 0 / 0 (issue 14 item 3)
     "fp32_eps0_large_m": (1, 2, 45, 16, 16, "float32", True, None, "eps0", "small"),
