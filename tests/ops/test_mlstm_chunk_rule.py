@@ -28,6 +28,14 @@ def test_auto_tiling(BH, S, DQK, DV, expected):
     assert auto_tiling(BH, S, DQK, DV, n_sm=132) == expected
 
 
+def test_with_state_tile_only_narrows():
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import default_config, with_state_tile
+    cfg = default_config(128, 256)  # state tiles 64 wide
+    assert with_state_tile(cfg, 32).block_v_state == 32 and with_state_tile(cfg, None) is cfg
+    small = default_config(16, 16)  # 16 wide already: a 32-wide tile would only be masked work
+    assert with_state_tile(small, 32) is small
+
+
 def test_int_helpers():
     assert [_next_pow2(x) for x in (1, 2, 3, 64, 65, 100)] == [1, 2, 4, 64, 128, 128]
     assert [_cdiv(a, b) for a, b in ((5, 2), (4, 2), (1, 64), (0, 3))] == [3, 2, 1, 0]

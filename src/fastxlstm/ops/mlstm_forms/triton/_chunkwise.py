@@ -144,8 +144,10 @@ def tiling_for(chunk_size: Optional[int], q: torch.Tensor, DV: int) -> Tuple[int
 
 
 def with_state_tile(cfg: MLSTMTritonConfig, block_v_state: Optional[int]) -> MLSTMTritonConfig:
-    """cfg with the state kernels' DV tile set (None: cfg as it is)."""
-    return cfg if block_v_state is None else replace(cfg, block_v_state=block_v_state)
+    """cfg with the state kernels' DV tile narrowed to block_v_state (None, or not narrower: cfg as it is)."""
+    if block_v_state is None or block_v_state >= cfg.block_v_state:
+        return cfg
+    return replace(cfg, block_v_state=block_v_state)
 
 
 _SM_COUNT = {}
