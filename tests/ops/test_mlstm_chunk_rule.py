@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from oracles import require_oracle  # noqa: E402
 
 require_oracle("triton")
-from fastxlstm.ops.mlstm_forms.triton._chunkwise import (CHUNK_ENV, _cdiv, _next_pow2, auto_tiling,  # noqa: E402
-                                                         tiling_for)
+from fastxlstm.ops._intmath import cdiv, next_pow2  # noqa: E402
+from fastxlstm.ops.mlstm_forms.triton._chunkwise import CHUNK_ENV, auto_tiling, tiling_for  # noqa: E402
 
 
 @pytest.mark.parametrize("BH,S,DQK,DV,expected", [
@@ -37,8 +37,8 @@ def test_with_state_tile_only_narrows():
 
 
 def test_int_helpers():
-    assert [_next_pow2(x) for x in (1, 2, 3, 64, 65, 100)] == [1, 2, 4, 64, 128, 128]
-    assert [_cdiv(a, b) for a, b in ((5, 2), (4, 2), (1, 64), (0, 3))] == [3, 2, 1, 0]
+    assert [next_pow2(x) for x in (1, 2, 3, 64, 65, 100)] == [1, 2, 4, 64, 128, 128]
+    assert [cdiv(a, b) for a, b in ((5, 2), (4, 2), (1, 64), (0, 3))] == [3, 2, 1, 0]
 
 
 def test_tiling_for_cpu_explicit_and_env(monkeypatch):

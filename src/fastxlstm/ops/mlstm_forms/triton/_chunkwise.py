@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._intmath import cdiv, next_pow2
+
 
 @dataclass(frozen=True)
 class MLSTMTritonConfig:
@@ -113,12 +115,12 @@ def auto_tiling(BH: int, S: int, DQK: int, DV: int, n_sm: int) -> Tuple[int, Opt
         L = 128
     else:
         bk = min(_pow2_at_least16(DQK), 128)
-        programs = BH * _cdiv(DQK, bk) * _cdiv(DV, 64)
+        programs = BH * cdiv(DQK, bk) * cdiv(DV, 64)
         if 2 * programs >= n_sm:
             L = 64
         else:
             L, bvs = 128, 32
-    L = max(64, min(L, _next_pow2(max(int(S), 1))))
+    L = max(64, min(L, next_pow2(max(int(S), 1))))
     return L, bvs
 
 
@@ -160,16 +162,8 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
-def _cdiv(a: int, b: int) -> int:  # plain ints: triton.cdiv is a JIT-callable object (microseconds per call)
-    return -(-a // b)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (int(x) - 1).bit_length() if x > 1 else 1
-
-
 def _pow2_at_least16(x: int) -> int:
-    return max(16, _next_pow2(int(x)))
+    return max(16, next_pow2(int(x)))
 
 
 def default_config(DQK: int, DV: int, chunk: int = 64, recompute_states: Optional[bool] = None) -> MLSTMTritonConfig:
@@ -859,7 +853,7 @@ def _states(k, v, sc, C0, n0, m0, S, NC, cfg: MLSTMTritonConfig, dtype: torch.dt
     m = torch.empty(B, NH, device=dev, dtype=f32)
     has_state = C0 is not None
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
-    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
+    grid = (cdiv(DQK, BKs), cdiv(DV, BVs), BH)
     _fwd_state_kernel[grid](k, v, *sc, C0 if has_state else C, n0 if has_state else n,
                             m0 if has_state else m, Cbuf, nbuf, mbuf, C, n, m, S, NC, NH, *_strides(k), *_strides(v),
                             DQK=DQK, DV=DV, HAS_STATE=has_state, L=cfg.chunk, BK=BKs, BV=BVs, IP=_ip(dtype),
@@ -875,7 +869,7 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     DV = v.shape[-1]
     BH = B * NH
     L = cfg.chunk
-    NC = triton.cdiv(S, L)
+    NC = cdiv(S, L)
     dev = q.device
     f32 = torch.float32
     sb = torch.empty(BH, NC * L, device=dev, dtype=f32)
@@ -895,7 +889,7 @@ def _forward(q, k, v, i, f, C0, n0, m0, resets, eps, cfg: MLSTMTritonConfig):
     den = torch.empty(B, NH, S, device=dev, dtype=f32)
     mt = torch.empty(B, NH, S, device=dev, dtype=f32)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
-    grid = (NC * (L // cfg.block_t), triton.cdiv(DV, BV), BH)
+    grid = (NC * (L // cfg.block_t), cdiv(DV, BV), BH)
     _fwd_out_kernel[grid](q, k, v, *sc, Cbuf, nbuf, mbuf, h, den, mt, S, NC, NH, DQK ** -0.5, eps,
                           *_strides(q), *_strides(k), *_strides(v), *_strides(h),
                           DQK=DQK, DV=DV, L=L, BT=cfg.block_t, BK=BK, BV=BV, IP=ip, UP=up,
@@ -910,7 +904,7 @@ def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonCo
     DV = v.shape[-1]
     BH = B * NH
     L = cfg.chunk
-    NC = triton.cdiv(S, L)
+    NC = cdiv(S, L)
     dev = q.device
     f32 = torch.float32
     sb, sa, sseg, sM, sbl, sal, sMl = sc
@@ -923,8 +917,8 @@ def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonCo
     rz = torch.empty(B, NH, S, device=dev, dtype=f32)
     dd = torch.empty_like(rz)
     BR = 32
-    _bwd_prep_kernel[(triton.cdiv(S, BR), BH)](h, dh, den, mt, rz, dd, S, NH, eps, *_strides(h), *_strides(dh),
-                                               DV=DV, BR=BR, BV=min(128, _pow2_at_least16(DV)), num_warps=4)
+    _bwd_prep_kernel[(cdiv(S, BR), BH)](h, dh, den, mt, rz, dd, S, NH, eps, *_strides(h), *_strides(dh),
+                                        DV=DV, BR=BR, BV=min(128, _pow2_at_least16(DV)), num_warps=4)
     has_dstate = dC is not None or dn is not None
     dCT = dC.float().contiguous() if dC is not None else torch.zeros(B, NH, DQK, DV, device=dev, dtype=f32)
     dnT = dn.float().contiguous() if dn is not None else torch.zeros(B, NH, DQK, device=dev, dtype=f32)
@@ -933,7 +927,7 @@ def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonCo
     dC0 = torch.empty(B, NH, DQK, DV, device=dev, dtype=f32)
     dn0 = torch.empty(B, NH, DQK, device=dev, dtype=f32)
     BKs, BVs = cfg.block_k_state, cfg.block_v_state
-    grid = (triton.cdiv(DQK, BKs), triton.cdiv(DV, BVs), BH)
+    grid = (cdiv(DQK, BKs), cdiv(DV, BVs), BH)
     Epart = torch.empty(grid[0] * grid[1], BH, NC, device=dev, dtype=f32)
     _bwd_state_kernel[grid](q, dh, rz, dd, sseg, sM, sMl, mbuf, dCT, dnT, dCbuf, dnbuf, dC0, dn0, Cbuf, nbuf, Epart,
                             S, NC, BH, NH, scale, *_strides(q), *_strides(dh),
@@ -941,7 +935,7 @@ def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonCo
                             num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
     BK, BV = min(cfg.block_k, _pow2_at_least16(DQK)), min(cfg.block_v, _pow2_at_least16(DV))
     BT = cfg.block_t
-    NK = triton.cdiv(DQK, BK)
+    NK = cdiv(DQK, BK)
     dq = _empty_in_layout_of(q, DQK, q.dtype)
     dk = _empty_in_layout_of(k, DQK, k.dtype)
     dv = _empty_in_layout_of(v, DV, v.dtype)
@@ -964,10 +958,10 @@ def _backward(q, k, v, f, h, dh, dC, dn, sc, states, dm, eps, cfg: MLSTMTritonCo
                                  scale, *qkvh, *_strides(dk),
                                  DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
                                  SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dv_kernel[(nt, triton.cdiv(DV, BV), BH)](q, k, dh, rz, *sc, dCbuf, mbuf, dv, S, NC, NH, scale,
-                                                  *_strides(q), *_strides(k), *_strides(dh), *_strides(dv),
-                                                  DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
-                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _bwd_dv_kernel[(nt, cdiv(DV, BV), BH)](q, k, dh, rz, *sc, dCbuf, mbuf, dv, S, NC, NH, scale,
+                                           *_strides(q), *_strides(k), *_strides(dh), *_strides(dv),
+                                           DQK=DQK, DV=DV, L=L, BT=BT, BK=BK, BV=BV, IP=ip, UP=up,
+                                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     di, df = _gate_grads(f, qdq, kdk, kdki, kdd, Epart, B, NH, S, NC, L)
     return dq, dk, dv, di, df, dC0, dn0
 
@@ -1023,7 +1017,7 @@ class _MLSTMTritonFn(torch.autograd.Function):
         sc, kept, dmt = tuple(rest[:7]), tuple(rest[7:10]), tuple(rest[10:])
         if ctx.recompute:
             S = qc.shape[2]
-            states = _states(kc, vc, sc, *kept, S, triton.cdiv(S, ctx.cfg.chunk), ctx.cfg, qc.dtype)[:3]
+            states = _states(kc, vc, sc, *kept, S, cdiv(S, ctx.cfg.chunk), ctx.cfg, qc.dtype)[:3]
         else:
             states = kept
         if dh is None:
