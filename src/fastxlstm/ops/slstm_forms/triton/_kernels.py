@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._intmath import cdiv
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -161,6 +163,34 @@ def _gate_grads(dh, dc, dn, pi, pf, pz, po, c_prev, n_prev, m_prev):
 # ------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_state(src, so, plane, rm2):
+    """(c, n, m) of step t-1 for the rows / units at offsets so of the state slot src (read through L2: other
+    programs wrote them)."""
+    c = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg")
+    n = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+    m = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+    return c, n, m
+
+
+@triton.jit
+def _step_out(pi, pf, pz, po, c_prev, n_prev, m_prev, g_ptr, xo, GS, dst, so, plane, h_ptr, ho, rm2,
+              SAVE_G: tl.constexpr, UP: tl.constexpr):
+    """The end of one forward step for a tile: the gate pre-activations kept for the backward (SAVE_G), the gates,
+    the new (c, n, m, h) into the state slot dst and h (in h's dtype) at offsets ho."""
+    if SAVE_G:
+        tl.store(g_ptr + xo, pi, mask=rm2)
+        tl.store(g_ptr + xo + GS, pf, mask=rm2)
+        tl.store(g_ptr + xo + 2 * GS, pz, mask=rm2)
+        tl.store(g_ptr + xo + 3 * GS, po, mask=rm2)
+    lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
+    h = og * c / tl.where(n > 0.0, n, 1.0)
+    tl.store(dst + so, c, mask=rm2)
+    tl.store(dst + plane + so, n, mask=rm2)
+    tl.store(dst + 2 * plane + so, m, mask=rm2)
+    tl.store(dst + 3 * plane + so, h, mask=rm2)
+    tl.store(h_ptr + ho, _r16(h, h_ptr.dtype.element_ty, UP), mask=rm2)
+
+@triton.jit
 def _fwd_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, B, S, NS, NH,
                 DH: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
                 HAS_RESET: tl.constexpr, SAVE_G: tl.constexpr, HOIST: tl.constexpr,
@@ -201,9 +231,7 @@ def _fwd_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, B, S, NS, NH
                 + tl.load(b_ptr + 2 * GS + bo)[None, :]
             po = tl.load(x_ptr + xo + 3 * GS, mask=rm2, other=0.0).to(tl.float32) \
                 + tl.load(b_ptr + 3 * GS + bo)[None, :]
-            c_prev = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            n_prev = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            c_prev, n_prev, m_prev = _load_state(src, so, plane, rm2)
             if HAS_RESET:
                 c_prev = tl.where(keep[:, None], c_prev, 0.0)
                 n_prev = tl.where(keep[:, None], n_prev, 0.0)
@@ -233,19 +261,8 @@ def _fwd_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, B, S, NS, NH
             pf += acc_f
             pz += acc_z
             po += acc_o
-            if SAVE_G:
-                tl.store(g_ptr + xo, pi, mask=rm2)
-                tl.store(g_ptr + xo + GS, pf, mask=rm2)
-                tl.store(g_ptr + xo + 2 * GS, pz, mask=rm2)
-                tl.store(g_ptr + xo + 3 * GS, po, mask=rm2)
-            lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
-            h = og * c / tl.where(n > 0.0, n, 1.0)
-            tl.store(dst + so, c, mask=rm2)
-            tl.store(dst + plane + so, n, mask=rm2)
-            tl.store(dst + 2 * plane + so, m, mask=rm2)
-            tl.store(dst + 3 * plane + so, h, mask=rm2)
-            ho = (rows[:, None] * S + t) * GS + hd * DH + cols[None, :]
-            tl.store(h_ptr + ho, _r16(h, h_ptr.dtype.element_ty, UP), mask=rm2)
+            _step_out(pi, pf, pz, po, c_prev, n_prev, m_prev, g_ptr, xo, GS, dst, so, plane, h_ptr,
+                      (rows[:, None] * S + t) * GS + hd * DH + cols[None, :], rm2, SAVE_G, UP)
         tl.debug_barrier()
 
 
@@ -401,9 +418,8 @@ def _fwd_split_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, cnt_pt
             pf = tl.load(x_ptr + xo + GS, mask=rm2, other=0.0).to(tl.float32) + b_f
             pz = tl.load(x_ptr + xo + 2 * GS, mask=rm2, other=0.0).to(tl.float32) + b_z
             po = tl.load(x_ptr + xo + 3 * GS, mask=rm2, other=0.0).to(tl.float32) + b_o
-            c_prev = tl.load(src + so, mask=rm2, other=0.0, cache_modifier=".cg") + poison
-            n_prev = tl.load(src + plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
-            m_prev = tl.load(src + 2 * plane + so, mask=rm2, other=0.0, cache_modifier=".cg")
+            c_prev, n_prev, m_prev = _load_state(src, so, plane, rm2)
+            c_prev += poison
             hk = tl.load(src + 3 * plane + srow[:, None] + kk[None, :], mask=rm2, other=0.0, cache_modifier=".cg")
             if HAS_RESET:
                 keep = (tl.load(rst_ptr + rows * S + t, mask=rmask, other=0) == 0)[:, None]
@@ -415,19 +431,8 @@ def _fwd_split_kernel(x_ptr, R_ptr, b_ptr, rst_ptr, st_ptr, h_ptr, g_ptr, cnt_pt
             pf += _dot(hk, r_f, IP, UP)
             pz += _dot(hk, r_z, IP, UP)
             po += _dot(hk, r_o, IP, UP)
-            if SAVE_G:
-                tl.store(g_ptr + xo, pi, mask=rm2)
-                tl.store(g_ptr + xo + GS, pf, mask=rm2)
-                tl.store(g_ptr + xo + 2 * GS, pz, mask=rm2)
-                tl.store(g_ptr + xo + 3 * GS, po, mask=rm2)
-            lf, m, ip, fp, z, og, c, n = _gates(pi, pf, pz, po, c_prev, n_prev, m_prev)
-            h = og * c / tl.where(n > 0.0, n, 1.0)
-            tl.store(dst + so, c, mask=rm2)
-            tl.store(dst + plane + so, n, mask=rm2)
-            tl.store(dst + 2 * plane + so, m, mask=rm2)
-            tl.store(dst + 3 * plane + so, h, mask=rm2)
-            ho = (rows[:, None] * S + t) * GS + hd * DH + cols[None, :]
-            tl.store(h_ptr + ho, _r16(h, h_ptr.dtype.element_ty, UP), mask=rm2)
+            _step_out(pi, pf, pz, po, c_prev, n_prev, m_prev, g_ptr, xo, GS, dst, so, plane, h_ptr,
+                      (rows[:, None] * S + t) * GS + hd * DH + cols[None, :], rm2, SAVE_G, UP)
         if SYNC:
             poison = tl.where(_group_barrier(cp, (t - T0 + 1) * P, LIMIT), float("nan"), poison)
 
@@ -615,7 +620,7 @@ def slstm_forward(x, R, b, st, resets, save: bool, cfg: Optional[SLSTMTritonConf
             _TOO_BIG.add((DH, dd, cfg))
             return slstm_forward(x, R, b, st, resets, save, _tiled(DH))
         return h, (G if save else None)
-    grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
+    grid = (cdiv(B, cfg.block_b), NH)
     _fwd_kernel[grid](x, Rd, bf, rst, st, h, G, B, S, NS, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, SAVE_G=save, HOIST=cfg.hoist, IP=_ip(dd),
                       UP=up, num_warps=cfg.num_warps)
@@ -661,7 +666,7 @@ def slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, cfg: Optional[SLS
             _TOO_BIG.add((DH, dd, cfg))
             return slstm_backward(G, st, resets, R, x_dtype, gh, gc, gn, ghl, _tiled(DH))
         return dG, cr[0], cr[1], cr[3]
-    grid = ((B + cfg.block_b - 1) // cfg.block_b, NH)  # (triton.cdiv is slow from Python)
+    grid = (cdiv(B, cfg.block_b), NH)
     _bwd_kernel[grid](G, st, rst, RT, gh_arg, dG, cr, B, S, NH, DH=DH, BB=cfg.block_b, BJ=cfg.block_j,
                       BK=cfg.block_k, HAS_RESET=resets is not None, HAS_DH=gh is not None, IP=_ip(dd), UP=up,
                       num_warps=cfg.num_warps)
