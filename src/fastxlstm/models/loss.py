@@ -14,9 +14,8 @@ log-sum-exp, the softmax), as the models' eager forward computes them, so both g
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +62,10 @@ _FUSED = {}
 
 
 def _fused(fn, device_type: str, force: Optional[bool] = None):
-    use = force if force is not None else (device_type == "cuda" and os.environ.get("FASTXLSTM_COMPILE_LOSS", "1") != "0"
-                                           and not torch.compiler.is_compiling())
+    """fn compiled (once, cached) on CUDA unless FASTXLSTM_COMPILE_LOSS=0 or already inside a compiled region; fn as
+    it is elsewhere. ``force`` (tests) overrides the choice."""
+    use = force if force is not None else (device_type == "cuda" and not torch.compiler.is_compiling()
+                                           and os.environ.get("FASTXLSTM_COMPILE_LOSS", "1") != "0")
     if not use:
         return fn
     if fn not in _FUSED:
