@@ -183,7 +183,8 @@ class RunDir:
         write_json_atomic(os.path.join(self.model_dir(name), "result.json"), result)
 
     def model_results(self, order: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-        """name -> result.json of every finished model present (in ``order`` first, then any others)."""
+        """name -> result.json of every finished model present (in ``order`` first, then any others).
+        ExperimentError when there is none (nothing to report)."""
         root = os.path.join(self.path, "models")
         present = sorted(os.listdir(root)) if os.path.isdir(root) else []
         names = [n for n in order if n in present] + [n for n in present if n not in order]
@@ -192,6 +193,8 @@ class RunDir:
             r = read_json(os.path.join(root, n, "result.json"))
             if isinstance(r, dict):
                 out[n] = r
+        if not out:
+            raise ExperimentError(f"{self.path} holds no finished model (models/*/result.json)")
         return out
 
     def combined_metrics(self, names: Iterable[str]) -> List[Dict[str, Any]]:
