@@ -119,6 +119,10 @@ def test_repro_errors(args, msg, tmp_path, capsys):
 def test_report_only_needs_a_run(tmp_path, capsys):
     assert main(["repro", "parity", "--report-only", "--out", str(tmp_path)]) == 2
     assert "no models/ folder" in capsys.readouterr().err
+    (tmp_path / "models" / "llama").mkdir(parents=True)  # a model folder without a result.json (an unfinished run)
+    for task in ("parity", "mqar", "lm"):
+        assert main(["repro", task, "--report-only", "--out", str(tmp_path)]) == 2
+        assert "holds no finished model" in capsys.readouterr().err
 
 
 def test_lm_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):
