@@ -97,9 +97,10 @@ def _config_dict(model) -> dict:
     return d
 
 
-def _shares_storage(t: torch.Tensor) -> bool:
-    """Whether t covers less than its whole storage (a view of a larger tensor)."""
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+def shares_storage(t: torch.Tensor) -> bool:
+    """Whether t covers less than its whole storage (a view of a larger tensor, e.g. a packed layer's row block:
+    see fastxlstm.layers._packing); safetensors refuses such tensors, so the writers copy them. False on meta."""
+    return t.device.type != "meta" and t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
 def _state_tensors(model) -> Dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def _state_tensors(model) -> Dict[str, torch.Tensor]:
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         # a view into a larger storage (a packed layer's row block, see fastxlstm.layers._packing) is written from
         # its own copy: safetensors refuses tensors that share storage (some versions even without overlap)
-        if ptr in seen or not t.is_contiguous() or _shares_storage(t):
+        if ptr in seen or not t.is_contiguous() or shares_storage(t):
             t = t.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
         out[key] = t

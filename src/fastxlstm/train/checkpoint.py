@@ -29,6 +29,7 @@ import torch
 
 from .._fileio import (CheckpointError, clean_leftovers, interrupted_copies, make_temp_dir, publish_dir, read_json,
                        remove_dir, write_json, write_safetensors)
+from ..models.io import shares_storage
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "verify_checkpoint"]
@@ -105,10 +106,7 @@ def _dedupe(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[
         if key is not None:
             seen[key] = k
         t = t.detach()
-        # a view into a larger storage (a packed layer's row block, see fastxlstm.layers._packing): its own copy,
-        # safetensors refuses tensors that share storage
-        shared = t.device.type != "meta" and t.untyped_storage().nbytes() != t.numel() * t.element_size()
-        out[k] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shares_storage(t) else t.contiguous()
     return out, aliases
 
 
