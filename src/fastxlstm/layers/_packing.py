@@ -142,11 +142,14 @@ class PackedLinears:
         self._params = []
         self._expect = []
 
+    def _span(self, start: int, stop: int):
+        """The rows [a, b) of members start:stop in ``weight``."""
+        a = sum(self.sizes[:start])
+        return a, a + sum(self.sizes[start:stop])
+
     def linear(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """x (..., K) -> (..., rows of members ``start:stop``): their outputs side by side, biases included."""
-        stop = len(self.sizes) if stop is None else stop
-        a = sum(self.sizes[:start])
-        b = a + sum(self.sizes[start:stop])
+        a, b = self._span(start, len(self.sizes) if stop is None else stop)
         bs = self.bias_start
         if self.bias is None or b <= bs:
             return packed_linear(x, self.weight[a:b], None)
@@ -160,8 +163,7 @@ class PackedLinears:
     def rows(self, start: int, stop: int):
         """(weight rows, bias rows or None) of members ``start:stop`` (views); every member of the range past
         ``bias_start`` or none of them with a bias."""
-        a = sum(self.sizes[:start])
-        b = a + sum(self.sizes[start:stop])
+        a, b = self._span(start, stop)
         bs = self.bias_start
         if self.bias is None or b <= bs:
             return self.weight[a:b], None
