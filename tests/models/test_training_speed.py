@@ -206,6 +206,21 @@ _ARCHS = [("tiny", dict(num_blocks=3, slstm_at=(1,))),                          
 
 
 @pytest.mark.parametrize("name,overrides", _ARCHS)
+def test_logits_at_equals_forward_logits(name, overrides):
+    """_logits_at (the head at selected positions only: the experiments' sparse loss) gives forward's logits there,
+    the 7B's output soft cap included; a bad mask is a clear error."""
+    model = _perturbed(name, seed=3, **overrides).double()
+    ids = torch.randint(0, model.vocab_size, (2, 11))
+    mask = torch.rand(2, 11, generator=torch.Generator().manual_seed(0)) < 0.4
+    with torch.no_grad():
+        full = model(ids, return_state=False).logits
+        got = model._logits_at(ids, mask)
+    assert got.shape == (int(mask.sum()), model.vocab_size) and _rel(got, full[mask]) < 1e-12
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        model._logits_at(ids, mask[:, :5])
+
+
+@pytest.mark.parametrize("name,overrides", _ARCHS)
 def test_labels_loss_equals_logits_loss_float64(name, overrides):
     model = _perturbed(name, **overrides).double()
     ids = torch.randint(0, 256, (2, 19))

@@ -438,19 +438,11 @@ class ModelWrap:
     def logits_at(self, ids, mask):
         """float32 logits (M, V) of the M positions where ``mask`` (B, S) bool is True: the LM head is applied to
         those rows only (a task that scores a few positions per sequence, MQAR, never forms (B, S, V) logits)."""
-        import torch
         import torch.nn.functional as F
+        if not self.is_llama:
+            return self.model._logits_at(ids, mask)
         head = self.model.lm_head
-        if self.is_llama:
-            h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
-        else:
-            # our models' forward ends in lm_head(out_norm(x)): with the head swapped for an identity it returns
-            # the normalised hidden states
-            self.model.lm_head = torch.nn.Identity()
-            try:
-                h = self.model(ids, return_state=False).logits
-            finally:
-                self.model.lm_head = head
+        h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
         return F.linear(h[mask].to(head.weight.dtype), head.weight).float()
 
     def loss_sum(self, ids, labels):

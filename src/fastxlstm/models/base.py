@@ -184,6 +184,17 @@ class XLSTMModelBase(nn.Module):
             return checkpoint(blk, *args, use_reentrant=False)
         return blk(*args)
 
+    def _logits_at(self, input_ids, mask: torch.Tensor) -> torch.Tensor:
+        """float32 logits (M, V) of the M positions where ``mask`` (B, S) bool is True, the LM head applied to those
+        rows only (what ``forward`` gives there, without the (B, S, V) logits; for tasks that score a few positions
+        per sequence). Fresh state, no resets. Each model provides ``_backbone`` and ``_head``."""
+        ids, _, _ = self.check_forward_inputs(input_ids, None, None)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(ids.shape)}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        x, _ = self._backbone(ids, None, None, False)
+        return self._head(x[mask])
+
     def _lm_loss(self, hidden: torch.Tensor, labels, reduction: str, soft_cap=None) -> torch.Tensor:
         from .loss import chunked_cross_entropy
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):

@@ -355,6 +355,19 @@ class XLSTMLarge(XLSTMModelBase):
                  return_state: bool = True, backend: Optional[str] = None, logits_to_keep: int = 0,
                  labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
+        x, new_state = self._backbone(ids, state, resets, return_state, backend)
+        if labels is not None:
+            x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
+            loss = self._lm_loss(x, labels, loss_reduction, soft_cap=self.config.output_logit_soft_cap)
+            return CausalLMOutput(logits=None, state=new_state, loss=loss)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self._head(x), state=new_state)
+
+    def _backbone(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
+                  return_state: bool = True, backend: Optional[str] = None):
+        """Embedding and blocks: (the last block's output (B, S, E), before the output norm; the new state or
+        None). ``backend`` overrides the model's."""
         backend = backend or self.backend or "auto"
         if backend not in MLSTM_BACKENDS:
             raise ValueError(f"backend must be one of {MLSTM_BACKENDS}, got {backend!r}")
@@ -364,14 +377,9 @@ class XLSTMLarge(XLSTMModelBase):
             x, st = self._run_block(blk, x, None if state is None else state.blocks[idx], resets, backend,
                                     return_state)
             new_blocks.append(st)
-        new_state = XLSTMState(tuple(new_blocks)) if return_state else None
-        if labels is not None:
-            x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
-            loss = self._lm_loss(x, labels, loss_reduction, soft_cap=self.config.output_logit_soft_cap)
-            return CausalLMOutput(logits=None, state=new_state, loss=loss)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+        return x, (XLSTMState(tuple(new_blocks)) if return_state else None)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (..., V) of backbone outputs x (..., E): output norm, LM head, output soft cap."""
         x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
-        logits = self.lm_head(x).float()
-        logits = soft_cap(logits, self.config.output_logit_soft_cap)
-        return CausalLMOutput(logits=logits, state=new_state)
+        return soft_cap(self.lm_head(x).float(), self.config.output_logit_soft_cap)

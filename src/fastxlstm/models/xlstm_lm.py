@@ -248,6 +248,18 @@ class XLSTMLM(XLSTMModelBase):
                  return_state: bool = True, logits_to_keep: int = 0, labels: Optional[torch.Tensor] = None,
                  loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
+        x, new_state = self._backbone(ids, state, resets, return_state)
+        if labels is not None:
+            return CausalLMOutput(logits=None, state=new_state,
+                                  loss=self._lm_loss(self.out_norm(x), labels, loss_reduction))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self._head(x), state=new_state)
+
+    def _backbone(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
+                  return_state: bool = True):
+        """Embedding and blocks: (the last block's output (B, S, E), before the output norm; the new state or
+        None)."""
         c = self.config
         x = self.token_embedding(ids)
         new_blocks = []
@@ -256,10 +268,8 @@ class XLSTMLM(XLSTMModelBase):
             x, st = self._run_block(blk, x, None if state is None else state.blocks[idx], resets, backend,
                                     c.chunk_size)
             new_blocks.append(st)
-        new_state = XLSTMState(tuple(new_blocks)) if return_state else None
-        if labels is not None:
-            return CausalLMOutput(logits=None, state=new_state,
-                                  loss=self._lm_loss(self.out_norm(x), labels, loss_reduction))
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self.lm_head(self.out_norm(x)).float(), state=new_state)
+        return x, (XLSTMState(tuple(new_blocks)) if return_state else None)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (..., V) of backbone outputs x (..., E): output norm, LM head."""
+        return self.lm_head(self.out_norm(x)).float()
