@@ -127,11 +127,9 @@ def resolve_out(out: Optional[str], task: str, report_only: bool = False) -> str
 # ----------------------------------------------------------------------------------------------------------
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    """obj as JSON (numbers from tensors / numpy, tuples and sets as lists), written atomically (the project's
+    temporary-file-then-rename writer)."""
+    _write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -152,10 +150,8 @@ def read_json(path: str) -> Optional[Any]:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .._fileio import write_text
+    write_text(path, text)
 
 
 class RunDir:
