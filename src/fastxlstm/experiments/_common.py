@@ -27,7 +27,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -104,6 +104,11 @@ def check_positive(ns: argparse.Namespace, names: Iterable[str]) -> None:
         v = getattr(ns, name, None)
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise ExperimentError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+
+
+def with_options(settings, ns: argparse.Namespace, names: Iterable[str]):
+    """A copy of the dataclass ``settings`` with the command-line options ``names`` that were given (not None)."""
+    return replace(settings, **{n: getattr(ns, n) for n in names if getattr(ns, n, None) is not None})
 
 
 def resolve_out(out: Optional[str], task: str, report_only: bool = False) -> str:

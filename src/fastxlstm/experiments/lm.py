@@ -36,7 +36,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
@@ -144,11 +144,7 @@ class _EvalModel:
 # ----------------------------------------------------------------------------------------------------------
 
 def settings_from(ns: argparse.Namespace) -> Settings:
-    s = replace(QUICK if ns.quick else FULL)
-    for name in ("steps", "batch_size", "lr", "width", "blocks", "seq_len", "time_budget_minutes", "compile"):
-        v = getattr(ns, name, None)
-        if v is not None:
-            setattr(s, name, v)
+    s = C.with_options(QUICK if ns.quick else FULL, ns, ("steps", "batch_size", "lr", "width", "blocks", "seq_len", "time_budget_minutes", "compile"))
     if s.width % s.heads or s.width % s.llama_heads:
         raise C.ExperimentError(f"--width {s.width} must be a multiple of {s.heads} and {s.llama_heads} (heads)")
     s.eval_every = min(s.eval_every, s.steps)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _common as C
@@ -154,11 +154,7 @@ def _parse_ints(text: str, what: str) -> List[int]:
 
 
 def settings_from(ns: argparse.Namespace) -> Settings:
-    s = replace(QUICK if ns.quick else FULL)
-    for name in ("steps", "batch_size", "lr", "vocab", "time_budget_minutes"):
-        v = getattr(ns, name, None)
-        if v is not None:
-            setattr(s, name, v)
+    s = C.with_options(QUICK if ns.quick else FULL, ns, ("steps", "batch_size", "lr", "vocab", "time_budget_minutes"))
     if ns.settings is not None:
         s.tasks, s.widths_for = _parse_tasks(ns.settings), {}
     if ns.widths is not None:

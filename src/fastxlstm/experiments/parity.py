@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _common as C
@@ -172,11 +172,7 @@ def evaluate(wrap, s: Settings, seed: int, device, precision: str) -> Dict[str, 
 # ----------------------------------------------------------------------------------------------------------
 
 def settings_from(ns: argparse.Namespace) -> Settings:
-    s = replace(QUICK if ns.quick else FULL)
-    for name in ("steps", "batch_size", "lr", "width", "time_budget_minutes"):
-        v = getattr(ns, name, None)
-        if v is not None:
-            setattr(s, name, v)
+    s = C.with_options(QUICK if ns.quick else FULL, ns, ("steps", "batch_size", "lr", "width", "time_budget_minutes"))
     if s.width % s.heads:
         raise C.ExperimentError(f"--width {s.width} must be a multiple of the {s.heads} heads")
     return s
