@@ -22,6 +22,10 @@ Measured:
   of one step's logits (graph in logits mode against the unpacked eager forward);
 - ``--pack-compare``: the graph path with the model's same-input projections packed (the default,
   ``fastxlstm.generation.pack_projections``) and unpacked (FASTXLSTM_PACK=0) at the same batch sizes;
+- ``--compile-compare``: the graph path with the uncompiled step (FASTXLSTM_COMPILE_DECODE=off) beside the
+  default (each block's step compiled, fastxlstm.generation.graph.compile_mode);
+- ``--state-compare``: the graph path with the mLSTM C states in bf16 (FASTXLSTM_DECODE_STATE=bf16, half the state
+  traffic) and its accuracy against the float32 state (logits over 256 greedy steps at B=8);
 - ``--extra-presets``: other presets (e.g. the paper's ``1.3b``) with the graph path at ``--extra-batches``, each
   with its own floor and graph-vs-eager check;
 - Llama rows: transformers' eager generate with its dynamic cache, and ``cache_implementation="static"``, with which
@@ -296,6 +300,41 @@ def check_graph_vs_eager(model, new=64):
             "step_logits_rel_err_vs_unpacked_eager": rel}
 
 
+def _compile_mode():
+    from fastxlstm.generation.graph import compile_mode
+    return compile_mode()
+
+
+def _gemv_mode():
+    from fastxlstm.generation._gemv import gemv_mode
+    return gemv_mode()
+
+
+def state_accuracy(model, B=8, steps=256):
+    """The bf16-state option against the float32 state: logits mode, the float32 decoder's greedy tokens fed to
+    both, worst and last-step relative error of the logits, and the share of steps whose argmax agrees."""
+    import torch
+    from fastxlstm.generation.graph import get_decoder, prefill
+    ids = torch.randint(3, model.config.vocab_size, (B, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    with torch.no_grad():
+        logits, st = prefill(model, ids, None)
+        a = get_decoder(model, B, None, None, False, None, None, state_dtype=torch.float32)
+        b = get_decoder(model, B, None, None, False, None, None, state_dtype=torch.bfloat16)
+        tok = logits.argmax(-1)
+        a.load(st, tok)
+        b.load(st, tok)
+        worst, agree, last = 0.0, 0, 0.0
+        for _ in range(steps):
+            la = a.step_logits(tok).clone()
+            lb = b.step_logits(tok)
+            last = float((la - lb).norm() / la.norm())
+            worst = max(worst, last)
+            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            tok = la.argmax(-1)
+    return {"batch": B, "steps": steps, "worst_logits_rel_err": worst, "last_logits_rel_err": last,
+            "argmax_agreement": agree / (B * steps)}
+
+
 def profile_step(model, B=1, steps=5):
     """torch.profiler over a few graph and eager decode steps: kernel count and GPU time per step."""
     import torch
@@ -386,8 +425,8 @@ def main_bench(args):
     res = {"meta": {"gpu": torch.cuda.get_device_name(), "versions": versions(),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "preset": args.preset, "dtype": "bf16", "prompt": 32, "new_tokens": args.new,
-                    "compile_decode": os.environ.get("FASTXLSTM_COMPILE_DECODE", "0"),
-                    "triton_gemv": os.environ.get("FASTXLSTM_GEMV", "0")},
+                    "compile_decode": _compile_mode(), "triton_gemv": _gemv_mode(),
+                    "decode_state": os.environ.get("FASTXLSTM_DECODE_STATE", "fp32")},
            "systems": {}}
     res["meta"]["copy_bytes_per_s"] = copy_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
@@ -463,6 +502,31 @@ def main_bench(args):
             del os.environ["FASTXLSTM_PACK"]
             clear_graphs(model)
             pack_projections(model)
+        save()
+    for flag, env, val, label in ((args.compile_compare, "FASTXLSTM_COMPILE_DECODE", "off",
+                                   "fastxlstm graph (uncompiled step)"),
+                                  (args.state_compare, "FASTXLSTM_DECODE_STATE", "bf16",
+                                   "fastxlstm graph (bf16 state)")):
+        if not flag:
+            continue
+        print(f"ours ({label}: {env}={val})", flush=True)
+        clear_graphs(model)
+        old_env = os.environ.get(env)
+        os.environ[env] = val
+        try:
+            s[label] = {"throughput": throughput(ours_generate(model, True), V, batches, args.new, deadline=deadline)}
+            if env == "FASTXLSTM_DECODE_STATE":
+                s[label]["accuracy_vs_fp32_state"] = state_accuracy(model)
+                print(f"    accuracy: {s[label]['accuracy_vs_fp32_state']}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            s[label] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        finally:
+            if old_env is None:
+                del os.environ[env]
+            else:
+                os.environ[env] = old_env
+            clear_graphs(model)
         save()
     if not args.skip_eager:
         print("ours (eager)", flush=True)
@@ -639,6 +703,10 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--gemv-shapes", action="store_true", help="also time cuBLAS vs our batch-1 Triton GEMV")
+    ap.add_argument("--compile-compare", action="store_true",
+                    help="also the graph path with the uncompiled step (FASTXLSTM_COMPILE_DECODE=off)")
+    ap.add_argument("--state-compare", action="store_true",
+                    help="also the graph path with bf16 C states (FASTXLSTM_DECODE_STATE=bf16) and its accuracy")
     ap.add_argument("--pack-compare", action="store_true",
                     help="also run the graph path with the projections unpacked (FASTXLSTM_PACK=0) at the same "
                          "batch sizes (the default row packs them: fastxlstm.generation.pack_projections)")

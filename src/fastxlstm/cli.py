@@ -167,9 +167,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, decode with the eager loop instead of the captured CUDA graph")
-    g.add_argument("--compile-decode", action="store_true",
-                   help="on CUDA, torch.compile the captured decode step (fuses the element-wise work: ~1.3x more "
-                        "tokens/s on an H200 for the 7B; compiling takes tens of seconds per batch size)")
+    g.add_argument("--compile-decode", nargs="?", const="blocks", default=None, choices=["blocks", "full", "off"],
+                   help="on CUDA, how the captured decode step is torch.compile'd: blocks (default: one compiled "
+                        "graph per block type, fuses the element-wise work between the matmuls; compiles once per "
+                        "batch size, cached on disk by torch), full (the whole step), off")
     g.add_argument("--prompts-file", metavar="FILE", default=None,
                    help="one prompt per line (\\n inside a line for a newline), generated as one batch; prints one "
                         "JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
@@ -402,8 +403,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             raise UsageError("the prompt is empty")
     from .runtime import pick_device
     device = pick_device(ns.device, 0)
-    if ns.compile_decode:
-        os.environ["FASTXLSTM_COMPILE_DECODE"] = "1"
+    if ns.compile_decode is not None:
+        os.environ["FASTXLSTM_COMPILE_DECODE"] = ns.compile_decode
     model, tok = _load_model(ns.model, device, ns.dtype, ns.tokenizer)
     kw = dict(seed=ns.seed, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, stop=_stops(ns),
               eos_token_id=_eos_ids(ns, model), repetition_penalty=ns.repetition_penalty,

@@ -118,17 +118,33 @@ def test_chunked_prefill_matches_one_pass():
             assert (x - y).norm() <= 1e-5 * x.norm() + 1e-12
 
 
-def test_compiled_decode_step_equals_eager(no_capture):
-    """The optional torch.compile of the captured step (FASTXLSTM_COMPILE_DECODE=1) chooses the same tokens."""
-    model = _model("7b-tiny")
+@pytest.mark.parametrize("name,mode", [("7b-tiny", "blocks"), ("tiny", "blocks"), ("7b-tiny", "full")])
+def test_compiled_decode_step_equals_eager(no_capture, name, mode):
+    """The torch.compile'd step (per block, the CUDA default, or the whole forward) chooses the same tokens as
+    the eager loop (float32 on the CPU), and the blocks run through the compiled call while it steps."""
+    model = _model(name)
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     a = model.generate(ids, 12, do_sample=False, use_cuda_graph=False)
-    dec = graph.get_decoder(model, 2, False, None, False, None, None, compile=True)
-    assert dec.key.compile
+    dec = graph.get_decoder(model, 2, False, None, False, None, None, compile=mode)
+    assert dec.key.compile == mode
+    assert (dec._runner is not None) == (mode == "blocks")
     logits, st = graph.prefill(model, ids, None)
     dec.load(st, logits.argmax(-1))
     toks = [logits.argmax(-1)] + [dec.step().clone() for _ in range(11)]
     assert torch.equal(torch.stack(toks, 1), a[:, 5:])
+    assert "_block_runner" not in model.__dict__  # the compiled runner is set only while a step runs
+
+
+def test_compile_mode_values(monkeypatch):
+    assert graph.compile_mode(True) == "blocks" and graph.compile_mode(False) == "off"
+    assert graph.compile_mode("FULL") == "full" and graph.compile_mode("0") == "off"
+    monkeypatch.setenv("FASTXLSTM_COMPILE_DECODE", "1")
+    assert graph.compile_mode() == "blocks"
+    monkeypatch.delenv("FASTXLSTM_COMPILE_DECODE")
+    assert graph.compile_mode() == "blocks"
+    assert graph._mode_for(_model("tiny"), None) == "off"  # CPU default: not compiled
+    with pytest.raises(ValueError, match="compile mode"):
+        graph.compile_mode("fast")
 
 
 def test_logits_mode_matches_forward(no_capture):
@@ -147,3 +163,34 @@ def test_logits_mode_matches_forward(no_capture):
         assert (got - ref.logits[:, -1]).norm() <= 1e-5 * ref.logits.norm()
     with pytest.raises(ValueError, match="logits mode"):
         graph.get_decoder(model, 3, False, None, False, None, None).step_logits(tok)
+
+
+@pytest.mark.parametrize("name", ["7b-tiny", "tiny"])
+def test_bf16_state_option(no_capture, name):
+    """The reduced-precision state option: C buffers in bfloat16, logits close to the float32 state's (but not
+    equal: the option is really used), states read back as float32, bad values refused."""
+    model = _model(name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    logits, st = graph.prefill(model, ids, None)
+    ref = graph.get_decoder(model, 2, None, None, False, None, None)
+    low = graph.get_decoder(model, 2, None, None, False, None, None, state_dtype="bf16")
+    assert low is not ref and low.key.state_dtype == torch.bfloat16
+    Cs = [b.C for b in low.state.blocks if isinstance(b, graph.MLSTMBlockState)]
+    assert Cs and all(C.dtype == torch.bfloat16 for C in Cs)
+    tok = logits.argmax(-1)
+    ref.load(st, tok)
+    low.load(st, tok)
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for _ in range(10):
+        tok = torch.randint(0, model.config.vocab_size, (2,), generator=g)
+        a = ref.step_logits(tok).clone()
+        b = low.step_logits(tok)
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    assert 0 < worst < 2e-2, worst
+    back = low.read_state()
+    assert all(b.C.dtype == torch.float32 for b in back.blocks if isinstance(b, graph.MLSTMBlockState))
+    with pytest.raises(ValueError, match="state dtype"):
+        graph.decode_state_dtype("int8")
+    with pytest.raises(ValueError, match="state dtype"):
+        graph.decode_state_dtype(torch.float64)

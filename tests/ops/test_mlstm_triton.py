@@ -183,6 +183,30 @@ def _worker() -> dict:
         errs["inputs_untouched"] = outs["inputs_untouched"]
         results["step_" + dt] = errs
 
+    # the decode engine's in-place step (ops/_inplace.py): C written over itself, float32 (bit-equal to the
+    # out-of-place step) and bfloat16 (the reduced-precision state option: updated in float32, rounded once)
+    from fastxlstm.ops._inplace import inplace_state_updates
+    g = torch.Generator().manual_seed(8)
+    B, NH, DQK, DV = 2, 3, 32, 80
+    q, k = torch.randn(B, NH, DQK, generator=g).bfloat16(), torch.randn(B, NH, DQK, generator=g).bfloat16()
+    v = torch.randn(B, NH, DV, generator=g).bfloat16()
+    i, f = 3 * torch.randn(B, NH, generator=g), 2 * torch.randn(B, NH, generator=g) + 2
+    C0, n0, m0 = torch.randn(B, NH, DQK, DV, generator=g), torch.randn(B, NH, DQK, generator=g), \
+        torch.randn(B, NH, generator=g)
+    with torch.no_grad():
+        h_ref, (C_ref, n_ref, _) = mlstm_step_reference(q.double(), k.double(), v.double(), i.double(), f.double(),
+                                                        (C0.double(), n0.double(), m0.double()), 1e-6)
+        h_out, (C_out, _, _) = mlstm_step_triton(q, k, v, i, f, (C0, n0, m0), 1e-6)
+        for name, cdt in (("inplace_fp32", torch.float32), ("inplace_bf16", torch.bfloat16)):
+            buf = C0.to(cdt, copy=True)  # a copy: the step writes over it
+            with inplace_state_updates():
+                h_in, (C_in, _, _) = mlstm_step_triton(q, k, v, i, f, (buf, n0, m0), 1e-6)
+            res = {"same_buffer": C_in.data_ptr() == buf.data_ptr() and C_in.dtype == cdt,
+                   "h": rel_err(h_in, h_ref), "C": rel_err(C_in, C_ref)}
+            if cdt == torch.float32:
+                res["bit_equal_to_out_of_place"] = bool(torch.equal(C_in, C_out) and torch.equal(h_in, h_out))
+            results[name] = res
+
     # the kernels' fp32 -> bf16 conversion (_r16) rounds to nearest even under the interpreter, as the GPU does
     # (the interpreter's own conversion truncates), so the bf16 errors above are the GPU's
     import triton
@@ -276,6 +300,18 @@ def test_step_matches_reference(interp_results, dt):
     tol = 2e-6 if dt == "float32" else 1e-2  # measured 3.3e-7 / 3.1e-3
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, f"step {dt}: relative errors over {tol}: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("name", ["inplace_fp32", "inplace_bf16"])
+def test_inplace_step(interp_results, name):
+    r = interp_results[name]
+    assert r["same_buffer"], r
+    if name == "inplace_fp32":
+        assert r["bit_equal_to_out_of_place"], r
+        assert r["h"] < 5e-3 and r["C"] < 2e-6, r  # h is returned in the inputs' bf16
+    else:
+        # one rounding of C to bf16 (2^-9 relative) on top of the step
+        assert r["C"] < 5e-3 and r["h"] < 5e-3, r
 
 
 def test_bf16_rounding_matches_the_gpu(interp_results):

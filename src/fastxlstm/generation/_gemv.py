@@ -6,8 +6,8 @@ these shapes (measured on the H200: ~73% of the copy bandwidth over a 7B step). 
 BN rows of W and streams them in BK-wide tiles (no split-K, no second kernel), with enough programs and pipeline
 stages in flight to keep HBM busy.
 
-It is used only while the CUDA-graph decoder captures a batch-1 step (``skinny_linears``), and only when the
-environment variable FASTXLSTM_GEMV=1 is set: the benchmark decides whether it becomes the default.
+It is used only while the CUDA-graph decoder captures a batch-1 step (``skinny_linears``), for the weight shapes
+where it measured faster than cuBLAS inside the captured step (FASTXLSTM_GEMV: "auto" default, "1" all, "0" none).
 """
 from __future__ import annotations
 
@@ -20,8 +20,26 @@ from torch import nn
 __all__ = ["gemv", "skinny_linears", "gemv_enabled"]
 
 
+def gemv_mode() -> str:
+    """FASTXLSTM_GEMV: "auto" (default: the Triton GEMV for the shapes where it beat cuBLAS inside the captured
+    step, see ``_use_gemv``), "1" (every batch-1 linear), "0" (cuBLAS only)."""
+    v = os.environ.get("FASTXLSTM_GEMV", "auto").strip().lower() or "auto"
+    return {"1": "all", "true": "all", "all": "all", "0": "off", "false": "off", "off": "off"}.get(v, "auto")
+
+
 def gemv_enabled() -> bool:
-    return os.environ.get("FASTXLSTM_GEMV", "0") not in ("0", "", "false", "False")
+    return gemv_mode() != "off"
+
+
+# "auto": weights with at most this many rows (the 7B's out-projection 4096 x 4096 and FFN down-projection
+# 4096 x 10944); cuBLAS keeps the wide ones (packed q|k|v|o 12288 rows, FFN up 21888, the LM head), where its
+# non-split-K kernels already run near the copy bandwidth
+_AUTO_MAX_ROWS = 4096
+
+
+def _use_gemv(weight: torch.Tensor) -> bool:
+    mode = gemv_mode()
+    return mode == "all" or (mode == "auto" and weight.shape[0] <= _AUTO_MAX_ROWS)
 
 
 _KERNEL = None
@@ -56,9 +74,10 @@ def _kernel():
     return _KERNEL
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, BN: int = 8, BK: int = 1024, num_warps: int = 8,
+         num_stages: int = 3) -> torch.Tensor:
     """x (..., K) with one row in all; weight (N, K) row-major; bias (N,) or None -> (..., N) in x's dtype.
-    fp32 accumulation; the result equals F.linear up to summation order."""
+    fp32 accumulation; the result equals F.linear up to summation order. BN rows per program, BK-wide tiles."""
     K = x.shape[-1]
     N = weight.shape[0]
     if x.numel() != K or weight.shape[1] != K or weight.stride(1) != 1:
@@ -66,25 +85,30 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
                          f"weight {tuple(weight.shape)}")
     xc = x.reshape(K).contiguous()
     y = torch.empty(N, device=x.device, dtype=x.dtype)
-    # 8 rows x 1024 columns per load: 16 KB in flight per program, several programs per SM
-    BN = 8
-    BK = 1024 if K >= 1024 else max(16, 1 << (K - 1).bit_length())
+    # default 8 rows x 1024 columns per load: 16 KB in flight per program, several programs per SM
+    BK = min(BK, max(16, 1 << (K - 1).bit_length()))
     _kernel()[(-(-N // BN),)](xc, weight, bias if bias is not None else weight, y, N, K, weight.stride(0),
-                              HAS_BIAS=bias is not None, BN=BN, BK=BK, num_warps=8, num_stages=3)
+                              HAS_BIAS=bias is not None, BN=BN, BK=BK, num_warps=num_warps, num_stages=num_stages)
     return y.view(*x.shape[:-1], N)
+
+
+# 4 rows x 1024 columns per program, 4 warps, no software pipelining: the best or near-best configuration on every
+# 7B decode shape measured on the H200 (benchmarks/NOTES.md)
+_CFG = dict(BN=4, BK=1024, num_warps=4, num_stages=1)
 
 
 def _skinny_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-            and module.weight.dtype == x.dtype and not torch.is_grad_enabled()):
-        return gemv(x, module.weight, module.bias)
+            and module.weight.dtype == x.dtype and not torch.is_grad_enabled() and _use_gemv(module.weight)):
+        return gemv(x, module.weight, module.bias, **_CFG)
     return nn.functional.linear(x, module.weight, module.bias)
 
 
 def _skinny_packed(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     if (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.stride(1) == 1 and not torch.is_grad_enabled()):
-        return gemv(x, weight, bias)
+            and weight.dtype == x.dtype and weight.stride(1) == 1 and not torch.is_grad_enabled()
+            and _use_gemv(weight)):
+        return gemv(x, weight, bias, **_CFG)
     return nn.functional.linear(x, weight, bias)
 
 

@@ -26,6 +26,7 @@ identical in float32; see tests/gpu/test_generation_graph_gpu.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,13 +34,13 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from ..layers.state import XLSTMState
+from ..layers.state import MLSTMBlockState, SLSTMBlockState, XLSTMState
 from ._modes import inference
 from .packing import pack_projections
 from .packing import packing_default as pack_default
 from .sampling import pick_with_uniform, sample_next_token
 
-__all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill"]
+__all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill", "compile_mode", "COMPILE_MODES"]
 
 # how many captured graphs a model keeps (each holds its own static state of B rows)
 _MAX_GRAPHS = 4
@@ -47,9 +48,103 @@ _MAX_GRAPHS = 4
 _CAPTURE = True
 
 
-def _compile_default() -> bool:
-    """torch.compile the captured step when FASTXLSTM_COMPILE_DECODE=1 (`fastxlstm generate --compile-decode`)."""
-    return os.environ.get("FASTXLSTM_COMPILE_DECODE", "0") not in ("0", "", "false", "False")
+COMPILE_MODES = ("blocks", "full", "off")
+
+
+def compile_mode(value=None) -> str:
+    """How the captured step is compiled: "blocks" (default): each block's one-token forward through one
+    torch.compile'd call shared by the blocks of a type (Inductor fuses norms, gates, soft caps, the conv window,
+    the residual adds; compiled once per block type and batch size, not once per block); "full": the whole
+    forward as one compiled function (longer compiles); "off": the eager step.
+
+    ``value`` None reads FASTXLSTM_COMPILE_DECODE ("blocks", "full", "off"; "1" is "blocks", "0" is "off").
+    True / False are "blocks" / "off"."""
+    if value is None:
+        value = os.environ.get("FASTXLSTM_COMPILE_DECODE", "blocks").strip() or "blocks"
+    if value is True:
+        return "blocks"
+    if value is False:
+        return "off"
+    if isinstance(value, str):
+        v = {"1": "blocks", "0": "off", "true": "blocks", "false": "off", "on": "blocks"}.get(value.lower(),
+                                                                                                  value.lower())
+        if v in COMPILE_MODES:
+            return v
+    raise ValueError(f"decode compile mode must be one of {COMPILE_MODES} (or a bool), got {value!r} "
+                     "(FASTXLSTM_COMPILE_DECODE or compile=)")
+
+
+_STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def decode_state_dtype(value=None) -> torch.dtype:
+    """The dtype of the decoder's C buffers: ``value`` (a torch dtype or a name) or FASTXLSTM_DECODE_STATE."""
+    if value is None:
+        value = os.environ.get("FASTXLSTM_DECODE_STATE", "fp32").strip() or "fp32"
+    if isinstance(value, str):
+        if value.lower() not in _STATE_DTYPES:
+            raise ValueError(f"decode state dtype must be one of fp32, bf16, fp16, got {value!r}")
+        return _STATE_DTYPES[value.lower()]
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"decode state dtype must be torch.float32, torch.bfloat16 or torch.float16, got {value!r}")
+    return value
+
+
+def _mode_for(model, compile) -> str:
+    # the default compiles on CUDA only (the CPU tests run the body without capture, uncompiled unless asked)
+    if compile is None and "FASTXLSTM_COMPILE_DECODE" not in os.environ and model.device.type != "cuda":
+        return "off"
+    return compile_mode(compile)
+
+
+_STATE_FIELDS = {MLSTMBlockState: ("C", "n", "m", "conv"), SLSTMBlockState: ("c", "n", "m", "h", "conv")}
+
+
+def _call_block(blk, x, state, *rest):
+    """``blk(x, state, *rest)``, then the new state written into ``state``'s tensors (the decoder's static
+    buffers), inside the compiled graph: Inductor then stores each new state tensor straight into its buffer from
+    the kernel that computes it, instead of a copy per tensor after the step. A tensor the block already updated in
+    place (the Triton step kernel's C) is the buffer itself and is skipped."""
+    y, new = blk(x, state, *rest)
+    if state is None or new is None:
+        return y, new
+    for name in _STATE_FIELDS[type(state)]:
+        dst, src = getattr(state, name), getattr(new, name)
+        if dst is not None and src is not dst:
+            dst.copy_(src)
+    return y, state
+
+
+_BLOCK_CALL = None
+
+
+def _compiled_block_call():
+    """One torch.compile'd ``blk(*args)`` for every block of every model (Dynamo keeps one graph per block type,
+    batch size and dtype and guards on the block's type and attributes, not on its identity, so the 32 blocks of
+    the 7B share one compiled graph)."""
+    global _BLOCK_CALL
+    if _BLOCK_CALL is None:
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < 64:
+                setattr(cfg, name, 64)
+        _BLOCK_CALL = torch.compile(_call_block, dynamic=False)
+    return _BLOCK_CALL
+
+
+@contextlib.contextmanager
+def _block_runner(model, runner):
+    prev = model.__dict__.get("_block_runner")
+    model._block_runner = runner
+    try:
+        yield
+    finally:
+        if prev is None:
+            model.__dict__.pop("_block_runner", None)
+        else:
+            model._block_runner = prev
 
 
 def graph_decoding_available(model) -> bool:
@@ -106,7 +201,8 @@ class _Key:
     eos: Optional[Tuple[int, ...]]
     fill: Optional[int]
     params: int  # fingerprint of the parameters' storage: a model moved or cast gets new graphs
-    compile: bool
+    compile: str  # one of COMPILE_MODES
+    state_dtype: torch.dtype = torch.float32  # dtype of the mLSTM matrix memories C in the static state
 
 
 class GraphDecoder:
@@ -116,12 +212,13 @@ class GraphDecoder:
     (a view of the static buffer: clone it if it must outlive the next step).
     """
 
-    def __init__(self, model, key: _Key, compile: bool = False):
+    def __init__(self, model, key: _Key):
         self.model = model
         self.key = key
-        # torch.compile of the one-token forward fuses the element-wise work between the matmuls (norms, gates,
-        # soft caps, residuals); the graph then replays the fused kernels
-        self._fwd = torch.compile(model._forward, dynamic=False) if compile else model._forward
+        # torch.compile fuses the element-wise work between the matmuls (norms, gates, soft caps, residuals); the
+        # graph then replays the fused kernels
+        self._fwd = torch.compile(model._forward, dynamic=False) if key.compile == "full" else model._forward
+        self._runner = _compiled_block_call() if key.compile == "blocks" else None
         B = key.batch_size
         dev = model.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
@@ -131,6 +228,11 @@ class GraphDecoder:
         self.top_p = torch.ones((), dtype=torch.float32, device=dev)
         self.eos = None if key.eos is None else torch.tensor(key.eos, dtype=torch.long, device=dev)
         self.state = model.init_state(B, device=dev)
+        if key.state_dtype != torch.float32:
+            # the C matrices (nearly all of the state) kept in a 16-bit dtype: half the state traffic per step
+            self.state = XLSTMState(tuple(
+                dataclasses.replace(b, C=b.C.to(key.state_dtype)) if isinstance(b, MLSTMBlockState) else b
+                for b in self.state.blocks))
         self.logits = (torch.zeros(B, model.vocab_size, dtype=torch.float32, device=dev)
                        if key.sample is None else None)
         # _CAPTURE is False only in the CPU tests, which run the same body eagerly to check the logic around it
@@ -140,7 +242,7 @@ class GraphDecoder:
 
     def _body(self) -> None:
         from ..ops._inplace import inplace_state_updates
-        with inplace_state_updates():
+        with inplace_state_updates(), _block_runner(self.model, self._runner):
             out = self._fwd(self.tok[:, None], self.state, None, True)
         logits = out.logits[:, -1]
         if self.key.sample is None:  # logits mode (the server samples per request on the host side)
@@ -208,8 +310,14 @@ class GraphDecoder:
         return self.tok
 
     def read_state(self) -> XLSTMState:
-        """A copy of the current state (a value: later steps do not change it)."""
-        return self.state.map(lambda t: t.clone())
+        """A copy of the current state (a value: later steps do not change it), in the model's state dtypes
+        (a 16-bit C buffer is returned as float32)."""
+        def value(b):
+            b = b.map(lambda t: t.clone())
+            if isinstance(b, MLSTMBlockState) and b.C.dtype != torch.float32:
+                b = dataclasses.replace(b, C=b.C.float())
+            return b
+        return XLSTMState(tuple(value(b) for b in self.state.blocks))
 
 
 def _fingerprint(model) -> int:
@@ -217,10 +325,17 @@ def _fingerprint(model) -> int:
 
 
 def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_top_p: bool,
-                eos: Optional[List[int]], fill: Optional[int], compile: Optional[bool] = None,
-                pack: Optional[bool] = None) -> GraphDecoder:
+                eos: Optional[List[int]], fill: Optional[int], compile=None,
+                pack: Optional[bool] = None, state_dtype: Optional[torch.dtype] = None) -> GraphDecoder:
     """The cached decoder for this model, batch size and sampling mode (captured on first use; a few are kept,
     least recently used dropped first).
+
+    ``compile``: see :func:`compile_mode` (default "blocks", or FASTXLSTM_COMPILE_DECODE).
+
+    ``state_dtype``: dtype of the mLSTM matrix memories C in the decoder's static state: float32 (default) or, as
+    an approximation that halves the state traffic (what bounds large batches), bfloat16 / float16; None reads
+    FASTXLSTM_DECODE_STATE ("fp32", "bf16", "fp16"). The C update is computed in float32 and rounded once per
+    step. States read back (``read_state``) are float32 again.
 
     ``pack`` (default: True unless FASTXLSTM_PACK=0): first pack the model's same-input projections in place
     (:func:`fastxlstm.generation.pack_projections`: one matmul per group, memory neutral, same function). False
@@ -231,7 +346,7 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
     key = _Key(batch_size, model.dtype, None if sample is None else bool(sample), top_k if sample else None,
                bool(use_top_p and sample),
                None if eos is None else tuple(eos), fill if eos is not None else None, _fingerprint(model),
-               bool(_compile_default() if compile is None else compile))
+               _mode_for(model, compile), decode_state_dtype(state_dtype))
     dec = cache.get(key)
     if dec is not None:
         cache.move_to_end(key)
@@ -244,14 +359,15 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
     if (stale or len(cache) == 0) and torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:
-        dec = GraphDecoder(model, key, compile=key.compile)
+        dec = GraphDecoder(model, key)
     except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop generation
-        if not key.compile:
+        if key.compile == "off":
             raise
         import warnings
-        warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                      "capturing the uncompiled step instead")
-        dec = GraphDecoder(model, key, compile=False)
+        warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                      "capturing the uncompiled step instead (FASTXLSTM_COMPILE_DECODE=off skips the attempt)")
+        # kept under the key asked for, so the failing compile is not tried again at every call
+        dec = GraphDecoder(model, dataclasses.replace(key, compile="off"))
     cache[key] = dec
     return dec
 

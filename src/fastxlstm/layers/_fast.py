@@ -9,6 +9,7 @@ tests compare them with it in float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -162,6 +163,10 @@ class _FloatGateLinear(torch.autograd.Function):
         return (gw, gb, *gxs)
 
 
+# at most this many rows (tokens) take the decode form of float_gate_linear under torch.compile
+_DECODE_ROWS = 256
+
+
 def float_gate_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Gate pre-activations ``bias + cat(xs, -1) @ weight.T`` in float32 (float64 for float64 inputs).
 
@@ -169,6 +174,15 @@ def float_gate_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
     bias (G,). Returns (..., G). Unlike ``F.linear(torch.cat(xs, -1).float(), ...)`` it keeps no concatenated or
     float32 copy of the inputs for the backward (only float32 transients, one input at a time).
     """
+    if (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and math.prod(xs[0].shape[:-1]) <= _DECODE_ROWS):
+        # decoding under torch.compile: a few rows, so the product is a broadcast multiply and a sum over K in
+        # float32, which Inductor fuses with the casts (and the cat) into one reduction kernel instead of a cast
+        # and one or two cuBLAS float32 GEMV kernels per input
+        cd = torch.float64 if any(x.dtype == torch.float64 for x in xs) or weight.dtype == torch.float64 \
+            else torch.float32
+        x = torch.cat([x.to(cd) for x in xs], dim=-1) if len(xs) > 1 else xs[0].to(cd)
+        return (x[..., None, :] * weight.to(cd)).sum(-1) + bias.to(cd)
     return _FloatGateLinear.apply(weight, bias, *xs)
 
 

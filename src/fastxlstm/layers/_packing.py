@@ -39,7 +39,7 @@ from torch import nn
 __all__ = ["PackedLinears", "PackableMixin", "packed_linear"]
 
 # the matmul of a packed group; generation._gemv.skinny_linears swaps it (as it does nn.Linear's forward) while
-# the CUDA-graph decoder captures a batch-1 step with FASTXLSTM_GEMV=1
+# the CUDA-graph decoder captures a batch-1 step with the Triton GEMV (FASTXLSTM_GEMV, generation/_gemv.py)
 _LINEAR = F.linear
 
 

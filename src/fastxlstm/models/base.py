@@ -177,8 +177,14 @@ class XLSTMModelBase(nn.Module):
                     mod._cell_outside_graph = not cells_in_graph
             blk.compile(dynamic=dynamic, mode=mode)
 
+    #: when set (by the CUDA-graph decoder, while it captures), every block runs as ``_block_runner(blk, *args)``:
+    #: a torch.compile'd call shared by the blocks of one type (see fastxlstm.generation.graph)
+    _block_runner = None
+
     def _run_block(self, blk: nn.Module, *args):
         """``blk(*args)``, under activation checkpointing when it is on and gradients are recorded."""
+        if self._block_runner is not None:
+            return self._block_runner(blk, *args)
         if self.gradient_checkpointing and torch.is_grad_enabled() and self.training:
             from torch.utils.checkpoint import checkpoint
             return checkpoint(blk, *args, use_reentrant=False)

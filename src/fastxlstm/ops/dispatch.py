@@ -270,7 +270,9 @@ def _mlstm_step_unchecked(q, k, v, i, f, state, eps: float = 1e-6, backend: str 
         from .mlstm_forms.reference import zero_state
         state = zero_state(B, NH, DQK, DV, cd, device)
     elif any(s.dtype != cd for s in state):  # as mlstm does: the state is carried in the compute dtype
-        state = tuple(s.to(cd) for s in state)
+        from ._inplace import inplace_active
+        keep_c = inplace_active() and state[0].dtype in (torch.bfloat16, torch.float16)  # the decoder's 16-bit C
+        state = tuple(s if (j == 0 and keep_c) else s.to(cd) for j, s in enumerate(state))
     use_triton = backend == "triton" or (backend == "auto" and _triton_fits(q, DV))
     if use_triton:
         from .mlstm_forms.triton import mlstm_step_triton

@@ -62,9 +62,22 @@ def _block_v(BH: int, DV: int) -> int:
     return min(bv, max(16, next_pow2(DV)))
 
 
-def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None):
+def _tiles(BH: int, DQK: int, DV: int, c16: bool):
+    """(BK, BV) of the step kernel, from a sweep on the H200 (benchmarks/NOTES.md, 7B heads 256 x 512): few
+    programs (small batches) -> 32-wide DV tiles over 128-deep DQK blocks (B=1: 4.2 vs 5.3 us); a 16-bit C with
+    many programs -> 128 x 128 tiles (more bytes per load: B=64 88 vs 92 us, B=256 330 vs 347 us); else 64 x 64."""
+    BV, BK = _block_v(BH, DV), 64
+    if BV < 64:
+        BV, BK = 32, 128
+    elif c16 and BH * cdiv(DV, 128) >= 512:
+        BV, BK = 128, 128
+    return min(BK, max(16, next_pow2(DQK))), min(BV, max(16, next_pow2(DV)))
+
+
+def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=None, num_warps: int = 4):
     """Kernel launch only (no autograd). Shapes: q, k (B, NH, DQK); v (B, NH, DV); i, f, m (B, NH).
-    ``C_out``: where to write the new C (may be C itself: see fastxlstm.ops._inplace); a new tensor when None."""
+    ``C_out``: where to write the new C (may be C itself: see fastxlstm.ops._inplace); a new tensor when None.
+    BK, BV, num_warps: the tiling (None: the default rule; the benchmarks sweep them)."""
     B, NH, DQK = q.shape
     DV = v.shape[-1]
     BH = B * NH
@@ -72,10 +85,11 @@ def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None):
     Co = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32) if C_out is None else C_out
     no = torch.empty(B, NH, DQK, device=q.device, dtype=torch.float32)
     mo = torch.empty(B, NH, device=q.device, dtype=torch.float32)
-    BV = _block_v(BH, DV)
-    BK = min(64, max(16, next_pow2(DQK)))
+    dBK, dBV = _tiles(BH, DQK, DV, Co.dtype != torch.float32)
+    BV = dBV if BV is None else BV
+    BK = dBK if BK is None else BK
     _step_kernel[(cdiv(DV, BV), BH)](q, k, v, i, f, C, n, m, h, Co, no, mo, DQK ** -0.5, eps,
-                                             DQK=DQK, DV=DV, BK=BK, BV=BV, num_warps=4)
+                                     DQK=DQK, DV=DV, BK=BK, BV=BV, num_warps=num_warps)
     return h, Co, no, mo
 
 
@@ -128,8 +142,9 @@ def mlstm_step_triton_impl(q, k, v, i, f, state, eps: float = 1e-6):
         h, Co, no, mo = _StepFn.apply(q, k, v, i, f, C, n, m, eps)
         return h, (Co, no, mo)
     from ..._inplace import inplace_active
-    if inplace_active() and C.dtype == torch.float32 and C.is_contiguous():
-        # the decode engine's static state buffer: the new C overwrites the old one (see ops/_inplace.py)
+    if inplace_active() and C.dtype in (torch.float32, torch.bfloat16, torch.float16) and C.is_contiguous():
+        # the decode engine's static state buffer: the new C overwrites the old one (see ops/_inplace.py); a
+        # 16-bit C (the engine's reduced-precision state option) is read and written in its dtype, updated in fp32
         h, Co, no, mo = step_forward(*_contig(q, k, v, i, f), C, *_contig(n, m), eps, C_out=C)
         return h, (Co, no, mo)
     h, Co, no, mo = step_forward(*_contig(q, k, v, i, f, C, n, m), eps)
