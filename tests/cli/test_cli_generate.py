@@ -160,3 +160,21 @@ def test_invalid_utf8_prompt_names_the_flag(model_dir):
     r = subprocess.run([sys.executable, "-m", "fastxlstm", "generate", "--model", model_dir, "--prompt",
                         os.fsdecode(b"ab\xffc")], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "--prompt is not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_decode_options_set_the_engine_switches(model_dir, capsys, monkeypatch):
+    """--compile-decode and --decode-state reach the CUDA-graph decoder through its environment switches (on this
+    CPU machine the eager loop runs, so the text is the default's); bad values are refused by the parser."""
+    import os
+    from fastxlstm.generation import graph
+    monkeypatch.delenv("FASTXLSTM_COMPILE_DECODE", raising=False)
+    monkeypatch.delenv("FASTXLSTM_DECODE_STATE", raising=False)
+    args = ["--model", model_dir, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
+    ref = _gen(capsys, *args)
+    assert _gen(capsys, *args, "--compile-decode", "off", "--decode-state", "bf16") == ref
+    assert os.environ["FASTXLSTM_COMPILE_DECODE"] == "off" and graph.compile_mode() == "off"
+    assert graph.decode_state_dtype() == torch.bfloat16
+    _gen(capsys, *args, "--compile-decode")  # no value: the default mode
+    assert graph.compile_mode() == "blocks"
+    assert main(["generate", *args, "--decode-state", "int8"]) != 0
+    assert "invalid choice" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.gate_mul import gate_mul
 from ._fast import compute_dtype_for
 from ._packing import PackableMixin
 
@@ -47,7 +48,7 @@ class GatedFFN(PackableMixin, nn.Module):
             gate, up = self.proj_up_gate(x), self.proj_up(x)
         else:
             gate, up = g.linear(x).split(g.sizes, dim=-1)
-        return self.proj_down(_ACTS[self.activation](gate) * up)
+        return self.proj_down(gate_mul(gate, up, self.activation))
 
     def pack_projections(self) -> bool:
         """Pack proj_up_gate and proj_up (see the class docstring). True when packed."""

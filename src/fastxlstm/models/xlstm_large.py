@@ -22,6 +22,7 @@ from ..layers._packing import PackableMixin
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
 from ..ops.dispatch import MLSTM_BACKENDS, _mlstm_step_unchecked, _mlstm_unchecked
+from ..ops.gate_mul import gate_mul
 from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase, check_logits_to_keep
 from .output import CausalLMOutput
@@ -230,7 +231,7 @@ class MLSTMLargeLayer(PackableMixin, nn.Module):
             h, (C, n, m) = cell_call(self, _mlstm_unchecked, q, k, v, i, f, state=cell_state, backend=backend,
                                      chunk_size=self.chunk_size, eps=self.eps, resets=resets)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
-        y = self.out_proj(torch.sigmoid(o_pre) * h)
+        y = self.out_proj(gate_mul(o_pre, h, "sigmoid"))
         return y, (MLSTMBlockState(C=C, n=n, m=m) if return_state else None)
 
 

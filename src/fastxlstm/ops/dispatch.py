@@ -141,6 +141,13 @@ def _triton_fits(q: torch.Tensor, DV: int, chunk_size: int = 64) -> bool:
             and _triton_chunk_ok(chunk_size))
 
 
+def _triton_step_fits(q: torch.Tensor) -> bool:
+    """Where "auto" uses the fused Triton decode step: any head dims (it walks DQK in blocks and tiles DV), a dtype it
+    takes, B * NH within one grid axis."""
+    return (triton_available(q.device) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[0] * q.shape[1] <= 65535)
+
+
 # The Triton kernels' chunk length (state stored every chunk_size tokens): a power of two in [16, 256] (the token
 # tile inside a chunk is min(64, chunk_size)). backend="triton" with another chunk_size is a ValueError;
 # backend="auto" then runs the PyTorch chunkwise form, which takes any chunk_size.
@@ -273,7 +280,7 @@ def _mlstm_step_unchecked(q, k, v, i, f, state, eps: float = 1e-6, backend: str 
         from ._inplace import inplace_active
         keep_c = inplace_active() and state[0].dtype in (torch.bfloat16, torch.float16)  # the decoder's 16-bit C
         state = tuple(s if (j == 0 and keep_c) else s.to(cd) for j, s in enumerate(state))
-    use_triton = backend == "triton" or (backend == "auto" and _triton_fits(q, DV))
+    use_triton = backend == "triton" or (backend == "auto" and _triton_step_fits(q))
     if use_triton:
         from .mlstm_forms.triton import mlstm_step_triton
         return mlstm_step_triton(q, k, v, i, f, state, eps)

@@ -63,18 +63,24 @@ def _block_v(BH: int, DV: int) -> int:
 
 
 def _tiles(BH: int, DQK: int, DV: int, c16: bool):
-    """(BK, BV) of the step kernel, from a sweep on the H200 (benchmarks/NOTES.md, 7B heads 256 x 512): few
-    programs (small batches) -> 32-wide DV tiles over 128-deep DQK blocks (B=1: 4.2 vs 5.3 us); a 16-bit C with
-    many programs -> 128 x 128 tiles (more bytes per load: B=64 88 vs 92 us, B=256 330 vs 347 us); else 64 x 64."""
+    """(BK, BV, num_warps) of the step kernel, from sweeps on the H200 (benchmarks/NOTES.md; 7B heads 256 x 512,
+    paper 1.3B heads 1024 x 1024): few programs (small batches) -> 32-wide DV tiles over 128-deep DQK blocks (7B,
+    B=1: 4.2 vs 5.3 us; 256-deep for DQK >= 1024); a 16-bit C with many programs -> 128 x 128 tiles (more bytes per
+    load: B=64 88 vs 92 us, B=256 330 vs 347 us); else 64 x 64."""
     BV, BK = _block_v(BH, DV), 64
     if BV < 64:
-        BV, BK = 32, 128
+        # the paper 1.3B's 1024 x 1024 heads at B=1: 256-deep blocks, 8.8 vs 11.0 us
+        BV, BK = 32, (256 if DQK >= 1024 else 128)
     elif c16 and BH * cdiv(DV, 128) >= 512:
         BV, BK = 128, 128
-    return min(BK, max(16, next_pow2(DQK))), min(BV, max(16, next_pow2(DV)))
+    return min(BK, max(16, next_pow2(DQK))), min(BV, max(16, next_pow2(DV))), 4
 
 
-def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=None, num_warps: int = 4):
+# (BK, BV, num_warps) forced for every launch when set: for the tiling sweeps of the benchmarks, not for users
+_TILE_OVERRIDE = None
+
+
+def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=None, num_warps=None):
     """Kernel launch only (no autograd). Shapes: q, k (B, NH, DQK); v (B, NH, DV); i, f, m (B, NH).
     ``C_out``: where to write the new C (may be C itself: see fastxlstm.ops._inplace); a new tensor when None.
     BK, BV, num_warps: the tiling (None: the default rule; the benchmarks sweep them)."""
@@ -85,9 +91,12 @@ def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=Non
     Co = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32) if C_out is None else C_out
     no = torch.empty(B, NH, DQK, device=q.device, dtype=torch.float32)
     mo = torch.empty(B, NH, device=q.device, dtype=torch.float32)
-    dBK, dBV = _tiles(BH, DQK, DV, Co.dtype != torch.float32)
+    dBK, dBV, dW = _tiles(BH, DQK, DV, Co.dtype != torch.float32)
+    if _TILE_OVERRIDE is not None:  # benchmarks only
+        dBK, dBV, dW = _TILE_OVERRIDE
     BV = dBV if BV is None else BV
     BK = dBK if BK is None else BK
+    num_warps = dW if num_warps is None else num_warps
     _step_kernel[(cdiv(DV, BV), BH)](q, k, v, i, f, C, n, m, h, Co, no, mo, DQK ** -0.5, eps,
                                      DQK=DQK, DV=DV, BK=BK, BV=BV, num_warps=num_warps)
     return h, Co, no, mo
