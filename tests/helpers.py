@@ -252,3 +252,15 @@ def record(tag: str, errs: Dict[str, float]) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps({"tag": tag, **errs}) + "\n")
+
+
+def run_interpreted(code: str, timeout: int = 600) -> str:
+    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 (Triton kernels on the CPU; the variable must be set
+    before the kernels are created, so never in this process); it must print "OK". Returns its stdout."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout

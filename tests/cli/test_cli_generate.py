@@ -167,8 +167,11 @@ def test_decode_options_set_the_engine_switches(model_dir, capsys, monkeypatch):
     CPU machine the eager loop runs, so the text is the default's); bad values are refused by the parser."""
     import os
     from fastxlstm.generation import graph
-    monkeypatch.delenv("FASTXLSTM_COMPILE_DECODE", raising=False)
-    monkeypatch.delenv("FASTXLSTM_DECODE_STATE", raising=False)
+    for var in ("FASTXLSTM_COMPILE_DECODE", "FASTXLSTM_DECODE_STATE"):
+        # set, then removed, through monkeypatch: what the CLI writes into os.environ is undone after the test
+        # (a delenv of an absent variable alone records nothing to restore)
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
     args = ["--model", model_dir, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
     ref = _gen(capsys, *args)
     assert _gen(capsys, *args, "--compile-decode", "off", "--decode-state", "bf16") == ref

@@ -1,9 +1,7 @@
 """The batch-1 decode GEMV (Triton, run through the CPU interpreter here) against a float64 matrix product."""
-import os
-import subprocess
-import sys
-
 import pytest
+
+from helpers import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -36,9 +34,7 @@ print("OK", worst)
 
 
 def test_gemv_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _CODE], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_interpreted(_CODE)
 
 
 def test_skinny_linears_restores_modules():

@@ -1,13 +1,10 @@
 """The fused act(a) * b kernel (Triton, through the CPU interpreter here) against float64, on strided column
 slices as the packed projections give them, odd widths, every activation; and the PyTorch fallbacks."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from fastxlstm.ops.gate_mul import _rows, gate_mul
+from helpers import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -42,9 +39,7 @@ print("OK", worst)
 
 
 def test_gate_mul_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _CODE], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_interpreted(_CODE)
 
 
 def test_rows_of_strided_views():

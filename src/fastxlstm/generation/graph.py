@@ -14,7 +14,10 @@ What the graph holds (all static buffers, allocated once per batch size and reus
 - ``finished`` (B,) bool: rows that emitted an end-of-sequence token keep emitting the fill token.
 
 Before the first capture the model's same-input projections are packed in place (``pack_projections``: one
-matmul per group instead of up to six, memory neutral, the same function); FASTXLSTM_PACK=0 turns that off.
+matmul per group instead of up to six, memory neutral, the same function); FASTXLSTM_PACK=0 turns that off. Each
+block's step is then compiled with torch.compile (:func:`compile_mode`, default "blocks": one graph per block type,
+shared by all blocks of the type) and runs through :func:`_call_block`, which writes the new state into the static
+buffers inside the compiled graph. ``state_dtype`` (:func:`decode_state_dtype`) may keep the C buffers in bf16.
 
 Sampling parameters that change shapes or the captured code (greedy or not, top_k, whether top_p is used) are part of
 the cache key; temperature and top_p are device scalars filled per call. Each call loads the prefill state into the
@@ -34,7 +37,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from ..layers.state import MLSTMBlockState, SLSTMBlockState, XLSTMState
+from ..layers.state import MLSTMBlockState, XLSTMState
 from ._modes import inference
 from .packing import pack_projections
 from .packing import packing_default as pack_default
@@ -98,18 +101,20 @@ def _mode_for(model, compile) -> str:
     return compile_mode(compile)
 
 
-_STATE_FIELDS = {MLSTMBlockState: ("C", "n", "m", "conv"), SLSTMBlockState: ("c", "n", "m", "h", "conv")}
+_MLSTM_FIELDS = ("C", "n", "m", "conv")
 
 
 def _call_block(blk, x, state, *rest):
-    """``blk(x, state, *rest)``, then the new state written into ``state``'s tensors (the decoder's static
-    buffers), inside the compiled graph: Inductor then stores each new state tensor straight into its buffer from
-    the kernel that computes it, instead of a copy per tensor after the step. A tensor the block already updated in
-    place (the Triton step kernel's C) is the buffer itself and is skipped."""
+    """``blk(x, state, *rest)``, then an mLSTM block's new state written into ``state``'s tensors (the decoder's
+    static buffers) inside the compiled graph: Inductor then stores each new state tensor straight into its buffer
+    from the kernel that computes it, instead of a copy per tensor after the step. A tensor the block already
+    updated in place (the Triton step kernel's C) is the buffer itself and is skipped. sLSTM block states (a few
+    (B, NH, DH) tensors) are left to the copy after the step: written here, they made Inductor fail at batch size 1
+    (torch 2.13, ``KeyError`` in its loop body, after the graph break around the sLSTM kernel)."""
     y, new = blk(x, state, *rest)
-    if state is None or new is None:
+    if not isinstance(state, MLSTMBlockState) or new is None:
         return y, new
-    for name in _STATE_FIELDS[type(state)]:
+    for name in _MLSTM_FIELDS:
         dst, src = getattr(state, name), getattr(new, name)
         if dst is not None and src is not dst:
             dst.copy_(src)
