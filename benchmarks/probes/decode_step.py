@@ -9,7 +9,7 @@ Parts: stepk (step kernel tilings, 7B heads, B=1/64/256, fp32 and bf16 C), stepk
 heads), gemv (batch-1 products, cuBLAS vs the Triton GEMV configurations; CUDA-graph timing with the weights
 L2-resident where they fit in 50 MB, so in-graph numbers are lower), b1 (7B, B=1, per FASTXLSTM_GEMV mode), b64
 (7B B=64 fp32/bf16 states, B=256 bf16), paper (1.3b B=1, with the best stepk13 tiling too), prefill (7B, 16k tokens,
-chunk 8192 / 16384, profile). Writes $OUT/probe9.json; BUDGET (s, default 500) stops starting new parts.
+chunk 8192 / 16384, profile). Writes $OUT/decode_step.json; BUDGET (s, default 500) stops starting new parts.
 """
 import json, os, sys, time, traceback, gc
 import torch
@@ -17,6 +17,7 @@ import fastxlstm
 from fastxlstm.generation import graph as G
 
 OUT = os.environ.get("OUT", "/tmp")
+os.makedirs(OUT, exist_ok=True)
 T0 = time.time()
 BUDGET = float(os.environ.get("BUDGET", "500"))
 res = {}
@@ -24,7 +25,7 @@ parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["stepk", "stepk13", "g
 
 
 def dump():
-    with open(os.path.join(OUT, "probe9.json"), "w") as fh:
+    with open(os.path.join(OUT, "decode_step.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
 
 
