@@ -43,7 +43,8 @@ from .packing import pack_projections
 from .packing import packing_default as pack_default
 from .sampling import pick_with_uniform, sample_next_token
 
-__all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill", "compile_mode", "COMPILE_MODES"]
+__all__ = ["graph_decoding_available", "GraphDecoder", "get_decoder", "prefill", "compile_mode", "COMPILE_MODES",
+           "decode_state_dtype"]
 
 # how many captured graphs a model keeps (each holds its own static state of B rows)
 _MAX_GRAPHS = 4
