@@ -17,6 +17,8 @@ import os
 import torch
 from torch import nn
 
+from ..ops._intmath import cdiv, next_pow2
+
 __all__ = ["gemv", "skinny_linears", "gemv_enabled"]
 
 
@@ -86,8 +88,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, BN: int = 8, BK: int 
     xc = x.reshape(K).contiguous()
     y = torch.empty(N, device=x.device, dtype=x.dtype)
     # default 8 rows x 1024 columns per load: 16 KB in flight per program, several programs per SM
-    BK = min(BK, max(16, 1 << (K - 1).bit_length()))
-    _kernel()[(-(-N // BN),)](xc, weight, bias if bias is not None else weight, y, N, K, weight.stride(0),
+    BK = min(BK, max(16, next_pow2(K)))
+    _kernel()[(cdiv(N, BN),)](xc, weight, bias if bias is not None else weight, y, N, K, weight.stride(0),
                               HAS_BIAS=bias is not None, BN=BN, BK=BK, num_warps=num_warps, num_stages=num_stages)
     return y.view(*x.shape[:-1], N)
 

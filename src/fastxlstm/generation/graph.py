@@ -233,12 +233,13 @@ class GraphDecoder:
         self.temperature = torch.ones((), dtype=torch.float32, device=dev)
         self.top_p = torch.ones((), dtype=torch.float32, device=dev)
         self.eos = None if key.eos is None else torch.tensor(key.eos, dtype=torch.long, device=dev)
-        self.state = model.init_state(B, device=dev)
-        if key.state_dtype != torch.float32:
-            # the C matrices (nearly all of the state) kept in a 16-bit dtype: half the state traffic per step
-            self.state = XLSTMState(tuple(
-                dataclasses.replace(b, C=b.C.to(key.state_dtype)) if isinstance(b, MLSTMBlockState) else b
-                for b in self.state.blocks))
+        # zeros in the state's shapes and dtypes, except that the C matrices (nearly all of the state) may be kept
+        # in a 16-bit dtype (half the state traffic per step); allocated once, in their final dtype
+        layout = model.init_state(B, device="meta")
+        self.state = XLSTMState(tuple(
+            (dataclasses.replace(b, C=b.C.to(key.state_dtype)) if isinstance(b, MLSTMBlockState) else b).map(
+                lambda t: torch.zeros(t.shape, dtype=t.dtype, device=dev))
+            for b in layout.blocks))
         self.logits = (torch.zeros(B, model.vocab_size, dtype=torch.float32, device=dev)
                        if key.sample is None else None)
         # _CAPTURE is False only in the CPU tests, which run the same body eagerly to check the logic around it
@@ -319,10 +320,10 @@ class GraphDecoder:
         """A copy of the current state (a value: later steps do not change it), in the model's state dtypes
         (a 16-bit C buffer is returned as float32)."""
         def value(b):
-            b = b.map(lambda t: t.clone())
             if isinstance(b, MLSTMBlockState) and b.C.dtype != torch.float32:
-                b = dataclasses.replace(b, C=b.C.float())
-            return b
+                # the 16-bit C back to float32 (that cast is the copy); the rest cloned
+                return dataclasses.replace(dataclasses.replace(b, C=None).map(torch.clone), C=b.C.float())
+            return b.map(torch.clone)
         return XLSTMState(tuple(value(b) for b in self.state.blocks))
 
 

@@ -6,7 +6,6 @@ match the transformers xLSTM checkpoint keys (``ffn.proj_up_gate``, ``ffn.proj_u
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.gate_mul import gate_mul
@@ -15,7 +14,8 @@ from ._packing import PackableMixin
 
 __all__ = ["GatedFFN"]
 
-_ACTS = {"gelu": F.gelu, "silu": F.silu}
+# the gating activations a GatedFFN takes (fastxlstm.ops.gate_mul applies them)
+_ACTS = ("gelu", "silu")
 
 
 class GatedFFN(PackableMixin, nn.Module):
@@ -28,7 +28,7 @@ class GatedFFN(PackableMixin, nn.Module):
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = False):
         super().__init__()
         if activation not in _ACTS:
-            raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
+            raise ValueError(f"activation must be one of {_ACTS}, got {activation!r}")
         if dim < 1 or hidden_dim < 1:
             raise ValueError(f"GatedFFN needs positive dim and hidden_dim, got {dim}, {hidden_dim}")
         self.dim = dim

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._intmath import cdiv, next_pow2
+
 __all__ = ["gate_mul", "ACTIVATIONS"]
 
 ACTIVATIONS = ("silu", "sigmoid", "gelu")
@@ -50,30 +52,14 @@ def _kernel():
 
 def _rows(t: torch.Tensor):
     """(rows, row stride) when t is (..., D) with unit column stride and its leading dims collapse to one strided
-    axis; None otherwise."""
+    axis (a column slice of a contiguous matmul output does: the case this is for); None otherwise."""
     if t.stride(-1) != 1:
         return None
-    D = t.shape[-1]
-    lead = t.shape[:-1]
-    n = 1
-    for s in lead:
-        n *= s
-    if n <= 1:
-        return n, D
-    # the leading dims must be one arithmetic progression of row starts (true for slices of a contiguous matmul
-    # output, the case this is for)
-    stride = None
-    expect = None
-    for size, st in zip(reversed(lead), reversed(t.stride()[:-1])):
-        if size == 1:
-            continue
-        if stride is None:
-            stride, expect = st, st * size
-        elif st != expect:
-            return None
-        else:
-            expect = st * size
-    return n, (stride if stride is not None else D)
+    try:
+        t2 = t.view(-1, t.shape[-1])  # a view exactly when the leading dims merge into one stride
+    except RuntimeError:
+        return None
+    return t2.shape[0], t2.stride(0)
 
 
 def gate_mul(a: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
@@ -96,7 +82,7 @@ def _launch(a, b, act, ra, rb):
     _, sb = rb
     D = a.shape[-1]
     y = torch.empty(a.shape, device=a.device, dtype=a.dtype)
-    BD = 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
-    grid = (N, -(-D // BD))
+    BD = min(1024, max(16, next_pow2(D)))
+    grid = (N, cdiv(D, BD))
     _kernel()[grid](a, b, y, D, sa, sb, ACT=ACTIVATIONS.index(act), BD=BD, num_warps=4)
     return y
