@@ -196,3 +196,16 @@ def test_bf16_state_option(no_capture, name):
         graph.decode_state_dtype("int8")
     with pytest.raises(ValueError, match="state dtype"):
         graph.decode_state_dtype(torch.float64)
+
+
+def test_state_buffers_keep_the_model_state_dtype(no_capture):
+    """Without the 16-bit option the decoder's buffers and the states it gives back have the model's state dtypes
+    (float64 for a float64 model, float32 C for a bf16 one)."""
+    for name, dtype, cdt in (("tiny", torch.float64, torch.float64), ("7b-tiny", torch.bfloat16, torch.float32)):
+        model = _model(name).to(dtype)
+        dec = graph.get_decoder(model, 2, None, None, False, None, None)
+        ref = model.init_state(2)
+        for got in (dec.state, dec.read_state()):
+            assert [t.dtype for t in graph._state_tensors(got) if t is not None] == \
+                [t.dtype for t in graph._state_tensors(ref) if t is not None]
+        assert ref.blocks[0].C.dtype == cdt

@@ -237,7 +237,8 @@ class GraphDecoder:
         # in a 16-bit dtype (half the state traffic per step); allocated once, in their final dtype
         layout = model.init_state(B, device="meta")
         self.state = XLSTMState(tuple(
-            (dataclasses.replace(b, C=b.C.to(key.state_dtype)) if isinstance(b, MLSTMBlockState) else b).map(
+            (dataclasses.replace(b, C=b.C.to(key.state_dtype))
+             if isinstance(b, MLSTMBlockState) and key.state_dtype != torch.float32 else b).map(
                 lambda t: torch.zeros(t.shape, dtype=t.dtype, device=dev))
             for b in layout.blocks))
         self.logits = (torch.zeros(B, model.vocab_size, dtype=torch.float32, device=dev)
@@ -320,7 +321,7 @@ class GraphDecoder:
         """A copy of the current state (a value: later steps do not change it), in the model's state dtypes
         (a 16-bit C buffer is returned as float32)."""
         def value(b):
-            if isinstance(b, MLSTMBlockState) and b.C.dtype != torch.float32:
+            if isinstance(b, MLSTMBlockState) and b.C.dtype in (torch.bfloat16, torch.float16):
                 # the 16-bit C back to float32 (that cast is the copy); the rest cloned
                 return dataclasses.replace(dataclasses.replace(b, C=None).map(torch.clone), C=b.C.float())
             return b.map(torch.clone)
