@@ -20,8 +20,9 @@ shared by all blocks of the type) and runs through :func:`_call_block`, which wr
 buffers inside the compiled graph. ``state_dtype`` (:func:`decode_state_dtype`) may keep the C buffers in bf16.
 
 Sampling parameters that change shapes or the captured code (greedy or not, top_k, whether top_p is used) are part of
-the cache key; temperature and top_p are device scalars filled per call. Each call loads the prefill state into the
-static buffers and clears ``finished``: nothing leaks between calls. Memory stays flat: no step allocates.
+the cache key; temperature and top_p are device scalars filled per call. Each call runs its prompt straight into
+the static buffers (``prefill(..., into=decoder.state)``: each block writes its new state there as soon as it has
+run) and clears ``finished``: nothing leaks between calls. Memory stays flat: no step allocates.
 
 The eager loop in :mod:`fastxlstm.generation.eager` is the reference this path is tested against (greedy tokens are
 identical in float32; see tests/gpu/test_generation_graph_gpu.py).
@@ -164,23 +165,56 @@ def graph_decoding_available(model) -> bool:
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, resets: Optional[torch.Tensor], chunk_len: int = 8192,
-            state: Optional[XLSTMState] = None) -> Tuple[torch.Tensor, XLSTMState]:
+            state: Optional[XLSTMState] = None,
+            into: Optional[XLSTMState] = None) -> Tuple[torch.Tensor, XLSTMState]:
     """Run the prompt (B, S) through the model in chunks of ``chunk_len`` tokens, carrying the state.
 
     Returns the logits of the last position (B, V) float32 and the state after the prompt. Only the last position
     gets logits (a 16k-token prompt of a 50k vocabulary would otherwise make 3.3 GB of float32 logits), and the
     activations of one chunk at a time are alive, so memory is flat in the prompt length. Inputs must be valid
     (the public entry points check them).
+
+    ``into``: a state of the model's layout for B rows (the graph decoder's static buffers). Each block's new
+    state is then written into it as soon as the block has run, and the buffers are what the next block and chunk
+    see: no second whole state exists at any time (the transient is one block's new state), and nothing is
+    copied at load. Buffers of another dtype (a 16-bit C) receive the state rounded at the last chunk only; the
+    chunks before carry exact values. The returned state holds ``into``'s tensors.
     """
     S = ids.shape[1]
     logits = None
-    for a in range(0, S, chunk_len):
+    starts = list(range(0, S, chunk_len))
+    for a in starts:
         b = min(S, a + chunk_len)
-        out = model._forward(ids[:, a:b], state, None if resets is None else resets[:, a:b], True,
-                             logits_to_keep=1)
+        runner = None if into is None else _into_runner(into, last=a == starts[-1])
+        with contextlib.nullcontext() if runner is None else _block_runner(model, runner):
+            out = model._forward(ids[:, a:b], state, None if resets is None else resets[:, a:b], True,
+                                 logits_to_keep=1)
         logits, state = out.logits[:, -1], out.state
         del out
     return logits, state
+
+
+def _into_runner(into: XLSTMState, last: bool):
+    """A block runner (see ``models.base._run_block``) for :func:`prefill` into buffers: the blocks run in order,
+    the i-th call's new state is copied into ``into.blocks[i]`` and the buffer is returned in its place when it
+    holds the value exactly (same dtypes) or this is the last chunk."""
+    from dataclasses import fields
+    count = iter(range(len(into.blocks)))
+
+    def run(blk, *args):
+        y, new = blk(*args)
+        buf = into.blocks[next(count)]
+        if new is None:
+            return y, new
+        exact = True
+        for f in fields(buf):
+            d, s = getattr(buf, f.name), getattr(new, f.name)
+            if d is None or s is None:
+                continue
+            d.copy_(s)
+            exact = exact and d.dtype == s.dtype
+        return y, (buf if exact or last else new)
+    return run
 
 
 def _state_tensors(state: XLSTMState) -> List[Optional[torch.Tensor]]:
@@ -284,11 +318,13 @@ class GraphDecoder:
                 with torch.cuda.graph(self.graph):
                     self._body()
 
-    def load(self, state: XLSTMState, first: torch.Tensor, temperature: float = 1.0, top_p=None,
+    def load(self, state: Optional[XLSTMState], first: torch.Tensor, temperature: float = 1.0, top_p=None,
              finished: Optional[torch.Tensor] = None) -> None:
-        """Start a new sequence batch: the state after the prompt, the first generated tokens (B,) (fed at the
-        next step), the sampling parameters and the rows already finished."""
-        _copy_state_(self.state, state)
+        """Start a new sequence batch: the state after the prompt (None: already in ``self.state``, as
+        ``prefill(..., into=decoder.state)`` leaves it), the first generated tokens (B,) (fed at the next step),
+        the sampling parameters and the rows already finished."""
+        if state is not None:
+            _copy_state_(self.state, state)
         self.tok.copy_(first)
         self.temperature.fill_(float(temperature) if temperature else 1.0)
         self.top_p.fill_(1.0 if top_p is None else float(top_p))
@@ -395,13 +431,17 @@ def graph_stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, 
     exactly as the eager loop; larger values let the host run ahead of the GPU, and then up to ``sync_every - 1``
     steps of fill tokens may follow the point where every row had finished: ``generate`` trims them.
     """
+    B = ids.shape[0]
+    # with two or more new tokens the decoder exists before the prompt runs, and the prompt's state goes straight
+    # into its static buffers (no second copy of the state, nothing copied at load)
+    dec = (get_decoder(model, B, sample, top_k, top_p is not None and top_p < 1, eos, fill)
+           if max_new_tokens >= 2 else None)
     with inference(model):
-        logits, state = prefill(model, ids, resets)
+        logits, state = prefill(model, ids, resets, into=None if dec is None else dec.state)
     if max_new_tokens == 0:
         if final is not None:
             final.append(state)
         return
-    B = ids.shape[0]
     tok = sample_next_token(logits, temperature, top_k, top_p, do_sample=sample, generator=generator)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = None if eos is None else torch.tensor(eos, device=ids.device)
@@ -409,12 +449,11 @@ def graph_stream(model, ids, max_new_tokens, temperature, top_k, top_p, sample, 
         finished = torch.isin(tok, eos_t)
     if max_new_tokens == 1 or (eos_t is not None and bool(finished.all())):
         if final is not None:
-            final.append(state)
+            final.append(state if dec is None else dec.read_state())
         yield tok
         return
-    dec = get_decoder(model, B, sample, top_k, top_p is not None and top_p < 1, eos, fill)
-    dec.load(state, tok, temperature, top_p, finished)
     del state
+    dec.load(None, tok, temperature, top_p, finished)
     yield tok.clone()
     for step in range(1, max_new_tokens):
         new = dec.step(generator).clone()  # feeds the previous token, chooses this one
