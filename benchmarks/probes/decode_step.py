@@ -9,7 +9,8 @@ Parts: stepk (step kernel tilings, 7B heads, B=1/64/256, fp32 and bf16 C), stepk
 heads), gemv (batch-1 products, cuBLAS vs the Triton GEMV configurations; CUDA-graph timing with the weights
 L2-resident where they fit in 50 MB, so in-graph numbers are lower), b1 (7B, B=1, per FASTXLSTM_GEMV mode), b64
 (7B B=64 fp32/bf16 states, B=256 bf16), paper (1.3b B=1, with the best stepk13 tiling too), prefill (7B, 16k tokens,
-chunk 8192 / 16384, profile). Writes $OUT/decode_step.json; BUDGET (s, default 500) stops starting new parts.
+chunk 8192 / 16384, profile), into (7B, B=64 and 256, prompt 256: peak memory and time of the prompt's state
+written straight into the decoder's buffers, ``prefill(into=)``, against prefill then ``load``). Writes $OUT/decode_step.json; BUDGET (s, default 500) stops starting new parts.
 """
 import json, os, sys, time, traceback, gc
 import torch
@@ -21,7 +22,8 @@ os.makedirs(OUT, exist_ok=True)
 T0 = time.time()
 BUDGET = float(os.environ.get("BUDGET", "500"))
 res = {}
-parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["stepk", "stepk13", "gemv", "b1", "b64", "paper", "prefill"]
+parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["stepk", "stepk13", "gemv", "b1", "b64", "paper", "prefill",
+                                                          "into"]
 
 
 def dump():
@@ -265,5 +267,35 @@ if "prefill" in parts:
             print("   ", r)
     res["prefill16k"] = pre
     dump()
+if "into" in parts and left() > 60:
+    model = build("7b")
+    into = {}
+    for B in (64, 256):
+        dec, _ = decoder(model, B, "blocks")
+        ids = torch.randint(3, 50000, (B, 256), device="cuda")
+        row = {}
+        for how in ("copy", "into", "copy", "into"):  # twice each, the second timed
+            gc.collect()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t = time.time()
+            with torch.no_grad():
+                if how == "copy":
+                    _, st = G.prefill(model, ids, None)
+                    dec.load(st, ids[:, -1])
+                    del st
+                else:
+                    G.prefill(model, ids, None, into=dec.state)
+                    dec.load(None, ids[:, -1])
+            torch.cuda.synchronize()
+            row[how] = {"s": time.time() - t, "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
+        state_gb = sum(t.numel() * t.element_size() for t in G._state_tensors(dec.state) if t is not None) / 1e9
+        row["state_gb"] = state_gb
+        print("into B", B, row, flush=True)
+        into[str(B)] = row
+        del dec
+        G.clear_graphs(model)
+    res["prefill_into"] = into
 dump()
 print("done", time.time() - T0)
