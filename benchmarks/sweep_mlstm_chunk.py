@@ -5,8 +5,8 @@
 The two state kernels walk the chunks of a sequence one after another, one program per (batch x head, state
 tile). At 16k tokens per step a long context means a small batch, so few programs and a long sequential chain:
 this times forward + backward of the cell (bf16, inputs in the layers' (B, S, NH, D) layout) for chunk lengths
-64 / 128 / 256 and two state tilings at the heads of `7b-400m` (4 heads, DQK 128, DV 256) and `350m` (4 heads of
-512), at (B, S) = (8, 2k), (2, 8k), (1, 16k); marks the fastest and what ``auto_tiling`` (the default) picks; checks
+64 / 128 / 256 and state tilings (tile widths, warps, stages) at the heads of `7b-400m` (4 heads, DQK 128, DV 256)
+and `350m` (4 heads of 512), at (B, S) = (8, 2k), (2, 8k), (1, 16k) (`--contexts`); marks the fastest and what ``auto_tiling`` (the default) picks; checks
 every variant's h and gradients against chunk 64's in the same run; writes JSON and a plot.
 """
 from __future__ import annotations
@@ -23,11 +23,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "src"))
 
 HEADS = {"7b-400m": (4, 128, 256), "350m": (4, 512, 512)}
-CONTEXTS = [(8, 2048), (2, 8192), (1, 16384)]
 
 
 def variants(name):
     out = [("L64", dict(chunk=64)), ("L128", dict(chunk=128)), ("L256", dict(chunk=256))]
+    if name == "350m":  # the state kernels' tiles (DQK x DV tile per program, warps, pipeline stages)
+        for L, ks, vs, w, st in ((128, 64, 64, 4, 2), (128, 128, 32, 4, 2), (128, 64, 128, 4, 2),
+                                 (128, 128, 128, 8, 2), (128, 128, 64, 8, 2), (128, 128, 64, 4, 3),
+                                 (128, 64, 64, 4, 3), (64, 128, 128, 8, 2), (256, 128, 128, 8, 2),
+                                 (256, 64, 64, 4, 2)):
+            out.append((f"L{L} Ks{ks} Vs{vs} w{w} s{st}",
+                        dict(chunk=L, block_k_state=ks, block_v_state=vs, num_warps_state=w, num_stages_state=st)))
     if name == "7b-400m":
         out += [("L64 Vs32", dict(chunk=64, block_v_state=32)), ("L128 Vs32", dict(chunk=128, block_v_state=32)),
                 ("L256 Vs32", dict(chunk=256, block_v_state=32))]
@@ -53,6 +59,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results", "h200_mlstm_chunk.json"))
     p.add_argument("--models", default="7b-400m,350m")
+    p.add_argument("--contexts", default="8x2048,2x8192,1x16384", help="B x S pairs (16k tokens each by default)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -61,7 +68,7 @@ def main(argv=None):
 
     import fastxlstm
     from fastxlstm.ops.mlstm_forms.triton._chunkwise import (MLSTMTritonConfig, auto_tiling, default_config,
-                                                             mlstm_chunkwise_triton)
+                                                             mlstm_chunkwise_triton, with_state_tile)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"benchmark": "mlstm_chunk", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "device": torch.cuda.get_device_name(0), "n_sm": n_sm,
@@ -76,7 +83,7 @@ def main(argv=None):
 
     for name in [m for m in args.models.split(",") if m]:
         NH, DQK, DV = HEADS[name]
-        for B, S in CONTEXTS:
+        for B, S in [tuple(int(v) for v in c.split("x")) for c in args.contexts.split(",") if c]:
             xs, dh = inputs(B, S, NH, DQK, DV)
             ref = None
             auto_L, auto_bvs = auto_tiling(B * NH, S, DQK, DV, n_sm)
@@ -95,8 +102,10 @@ def main(argv=None):
                     with torch.no_grad():
                         return mlstm_chunkwise_triton(*xs, config=cfg)[0]
                 row = {"model": name, "B": B, "S": S, "variant": vname, "chunk": kw["chunk"],
-                       "block_v_state": cfg.block_v_state, "auto_chunk": auto_L,
-                       "auto": kw["chunk"] == auto_L and cfg.block_v_state == (auto_bvs or base.block_v_state)}
+                       "block_v_state": cfg.block_v_state, "block_k_state": cfg.block_k_state,
+                       "num_warps_state": cfg.num_warps_state, "num_stages_state": cfg.num_stages_state,
+                       "auto_chunk": auto_L,
+                       "auto": cfg == with_state_tile(default_config(DQK, DV, chunk=auto_L), auto_bvs)}
                 try:
                     h = fwbw()
                     grads = [t.grad.float().clone() for t in xs]
