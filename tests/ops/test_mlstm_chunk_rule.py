@@ -36,6 +36,16 @@ def test_with_state_tile_only_narrows():
     assert with_state_tile(small, 32) is small
 
 
+def test_state_tiles_by_head_size():
+    """The state kernels' tiles (measured, see default_config): 128 x 64 (DQK x DV), large heads 64 x 128; never
+    wider than the head."""
+    from fastxlstm.ops.mlstm_forms.triton._chunkwise import default_config
+    tiles = lambda DQK, DV: (lambda c: (c.block_k_state, c.block_v_state))(default_config(DQK, DV))  # noqa: E731
+    assert tiles(128, 256) == (128, 64) and tiles(256, 128) == (128, 64)
+    assert tiles(512, 512) == (64, 128) and tiles(256, 256) == (64, 128) and tiles(1024, 1024) == (64, 128)
+    assert tiles(2048, 32) == (64, 32) and tiles(16, 16) == (16, 16)
+
+
 def test_int_helpers():
     assert [next_pow2(x) for x in (1, 2, 3, 64, 65, 100)] == [1, 2, 4, 64, 128, 128]
     assert [cdiv(a, b) for a, b in ((5, 2), (4, 2), (1, 64), (0, 3))] == [3, 2, 1, 0]

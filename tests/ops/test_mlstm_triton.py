@@ -36,6 +36,8 @@ CASES = {
     "fp32_chunk128": (1, 2, 150, 16, 32, "float32", True, None, "normal", "chunk128"),
     # what the tuned rule runs at small batch on CUDA (auto_tiling): chunks of 128 with narrower state tiles
     "bf16_tuned_small_batch": (2, 1, 150, 16, 32, "bfloat16", True, "mixed", "normal", "tuned"),
+    # state tiles narrower in DQK than in DV (the large-head tiling of default_config, 64 x 128, scaled down)
+    "bf16_state_tiles_k_narrow": (2, 1, 150, 32, 64, "bfloat16", True, "mixed", "normal", "knarrow"),
     # eps = 0 with a stabiliser beyond exp()'s range and a zero query (q . n = 0), S not a multiple of the chunk
     # (the padded tail): no 0 / 0 (issue 14 item 3)
     "fp32_eps0_large_m": (1, 2, 45, 16, 16, "float32", True, None, "eps0", "small"),
@@ -130,6 +132,9 @@ def _worker() -> dict:
         else:
             if cfgname == "tuned":
                 cfg = with_state_tile(default_config(DQK, DV, chunk=128), 16)
+            elif cfgname == "knarrow":
+                cfg = MLSTMTritonConfig(chunk=128, block_t=64, block_k=32, block_v=64, block_k_state=16,
+                                        block_v_state=64)
             else:
                 cfg = small if cfgname == "small" else default_config(DQK, DV)
             fn = lambda q, k, v, i, f, s, r: mlstm_chunkwise_triton(q, k, v, i, f, s, eps, r, cfg)  # noqa: E731

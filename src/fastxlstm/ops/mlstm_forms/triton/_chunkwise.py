@@ -174,8 +174,12 @@ def default_config(DQK: int, DV: int, chunk: int = 64, recompute_states: Optiona
     bv = min(_pow2_at_least16(DV), 128)
     if recompute_states is None:
         recompute_states = recompute_default(DQK, DV)
+    # state tiles: 128 x 64 (DQK x DV); large heads (DQK * DV >= 256^2, the 350m's 512 x 512) 64 x 128, the same
+    # tile area: the cell's forward + backward 2.58 / 2.70 / 3.41 ms against 3.11 / 3.23 / 4.28 at B x S = 8 x 2k /
+    # 2 x 8k / 1 x 16k, chunk 128, bf16 (H200, benchmarks/sweep_mlstm_chunk.py; of 10 tilings the best or within 4%)
+    ks, vs = (min(bk, 64), min(bv, 128)) if DQK * DV >= 256 * 256 else (bk, min(bv, 64))
     return MLSTMTritonConfig(chunk=chunk, block_t=min(64, chunk), block_k=bk, block_v=bv,
-                             block_k_state=bk, block_v_state=min(bv, 64), num_warps=4,
+                             block_k_state=ks, block_v_state=vs, num_warps=4,
                              recompute_states=recompute_states)
 
 
