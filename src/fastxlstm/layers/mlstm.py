@@ -19,8 +19,8 @@ from torch import nn
 
 from .state import MLSTMBlockState
 # the unchecked entry points: the model validated its inputs once (docs/ARCHITECTURE.md)
-from ..ops.dispatch import _mlstm_step_unchecked, _mlstm_unchecked
-from ._fast import cell_call, float_gate_linear, headwise_linear
+from ..ops.dispatch import _mlstm_step_unchecked
+from ._fast import float_gate_linear, headwise_linear, mlstm_cell_call
 from ._packing import PackableMixin
 from .conv import CausalConv1d
 from .norm import LayerNorm, MultiHeadLayerNorm
@@ -201,13 +201,8 @@ class MLSTMLayer(PackableMixin, nn.Module):
                                                  self.cell_eps, step_backend)
             h = h.view(B, 1, NH, DH)
         else:
-            def heads(t):
-                return t.view(B, S, NH, DH).transpose(1, 2)
-
-            h, (C, n, m) = cell_call(self, _mlstm_unchecked, heads(q), heads(k), heads(v), i_pre.transpose(1, 2),
-                                     f_pre.transpose(1, 2), state=cell_state, backend=backend,
-                                     chunk_size=chunk_size, eps=self.cell_eps, resets=resets)
-            h = h.transpose(1, 2)  # (B, S, NH, DH)
+            h, (C, n, m) = mlstm_cell_call(self, q, k, v, gates, NH, state=cell_state, backend=backend,
+                                           chunk_size=chunk_size, eps=self.cell_eps, resets=resets)  # (B, S, NH, DH)
         # (B, S, I) in the projections' dtype (bf16 under autocast: x itself is float32 there, from the pre-norm,
         # and casting to it would make float32 copies of every tensor below); normalised before the rounding
         h = self.outnorm(h).to(x_c.dtype)

@@ -17,11 +17,11 @@ import torch
 
 from torch import nn
 
-from ..layers._fast import cell_call, compute_dtype_for, float_gate_linear
+from ..layers._fast import compute_dtype_for, float_gate_linear, mlstm_cell_call
 from ..layers._packing import PackableMixin
 from ..layers.ffn import GatedFFN
 from ..layers.norm import MultiHeadLayerNorm, RMSNorm
-from ..ops.dispatch import MLSTM_BACKENDS, _mlstm_step_unchecked, _mlstm_unchecked
+from ..ops.dispatch import MLSTM_BACKENDS, _mlstm_step_unchecked
 from ..ops.gate_mul import gate_mul
 from ._config import ConfigDictMixin, is_int, is_num
 from .base import XLSTMModelBase, check_logits_to_keep
@@ -205,13 +205,8 @@ class MLSTMLargeLayer(PackableMixin, nn.Module):
         # one cast to the compute dtype shared by the six projections (autocast would make, and keep for the
         # backward, a copy of x per projection)
         x = x.to(compute_dtype_for(x, self.q.weight))
-        q, k, v, o_pre, gates = self._projections(x)
-        q = q.view(B, S, NH, self.qk_head_dim).transpose(1, 2)
-        k = k.view(B, S, NH, self.qk_head_dim).transpose(1, 2)
-        v = v.view(B, S, NH, self.v_head_dim).transpose(1, 2)
-        # soft-capped in float32
-        gates = soft_cap(gates, self.gate_soft_cap).transpose(1, 2)  # (B, 2 NH, S)
-        i, f = gates[:, :NH], gates[:, NH:]
+        q, k, v, o_pre, gates = self._projections(x)  # (B, S, NH * D) each, gates (B, S, 2 NH)
+        gates = soft_cap(gates, self.gate_soft_cap)  # in float32
         cell_state = None if state is None else (state.C, state.n, state.m)
         if S == 1 and cell_state is not None:
             # decoding: the step form reads and writes the state once; a reset row starts from a fresh state
@@ -224,13 +219,16 @@ class MLSTMLargeLayer(PackableMixin, nn.Module):
             # backend: "triton" and "auto" as given, any PyTorch form ("reference", "chunkwise", ...) the
             # PyTorch step
             step_backend = backend if backend in ("auto", "triton") else "torch"
-            h, (C, n, m) = _mlstm_step_unchecked(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+
+            def heads(t):
+                return t.unflatten(-1, (NH, -1))[:, 0]  # (B, 1, NH * D) -> (B, NH, D), a view
+            h, (C, n, m) = _mlstm_step_unchecked(heads(q), heads(k), heads(v), gates[:, 0, :NH], gates[:, 0, NH:],
                                                  cell_state, self.eps, step_backend)
-            h = h.unsqueeze(2)
+            h = h.unsqueeze(1)  # (B, 1, NH, DV)
         else:
-            h, (C, n, m) = cell_call(self, _mlstm_unchecked, q, k, v, i, f, state=cell_state, backend=backend,
-                                     chunk_size=self.chunk_size, eps=self.eps, resets=resets)
-        h = self.multihead_norm(h.transpose(1, 2))  # (B, S, NH, DV) -> (B, S, v_dim)
+            h, (C, n, m) = mlstm_cell_call(self, q, k, v, gates, NH, state=cell_state, backend=backend,
+                                           chunk_size=self.chunk_size, eps=self.eps, resets=resets)
+        h = self.multihead_norm(h)  # (B, S, NH, DV) -> (B, S, v_dim)
         y = self.out_proj(gate_mul(o_pre, h, "sigmoid"))
         return y, (MLSTMBlockState(C=C, n=n, m=m) if return_state else None)
 
