@@ -170,43 +170,6 @@ def test_tiny_blocks_linear_equals_einsum(shape):
     assert gw.dtype == torch.bfloat16 and _rel(gw, exact) < 1e-2  # one bf16 rounding: ~2e-3
 
 
-@pytest.mark.parametrize("form", ["auto", "matmul"])
-def test_float_gate_linear_compiled_forms(monkeypatch, form):
-    """Under torch.compile the products are a broadcast multiply + sum (default) or float32 matmuls
-    (FASTXLSTM_GATE_LINEAR=matmul): both equal cat + linear in float64, values and gradients, and from bf16 inputs
-    the float32 result of the rounded inputs; a bad value of the switch is refused."""
-    import torch._dynamo
-    monkeypatch.setenv("FASTXLSTM_GATE_LINEAR", form)
-    torch._dynamo.reset()
-    torch.manual_seed(6)
-    fn = torch.compile(lambda xs, W, b: float_gate_linear(xs, W, b), dynamic=False)
-    xs = [torch.randn(3, 5, k, dtype=torch.float64, requires_grad=True) for k in (8, 8, 12)]
-    W = torch.randn(6, 28, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    ref = F.linear(torch.cat(xs, -1), W, b)
-    from torch._inductor.utils import run_and_get_code
-    got, code = run_and_get_code(fn, xs, W, b)
-    assert ("extern_kernels.mm" in "\n".join(code)) == (form == "matmul")  # the form asked for is the one run
-    assert got.dtype == torch.float64 and _rel(got, ref) < 1e-14
-    g = torch.randn_like(ref)
-    for a, r in zip(torch.autograd.grad(got, (*xs, W, b), g), torch.autograd.grad(ref, (*xs, W, b), g)):
-        assert _rel(a, r) < 1e-14
-    xb = [x.detach().bfloat16().requires_grad_() for x in xs]
-    got = fn(xb, W.detach().float(), b.detach().float())
-    exact = F.linear(torch.cat([x.double() for x in xb], -1), W.detach().float().double(), b.detach())
-    assert got.dtype == torch.float32 and _rel(got, exact) < 1e-6
-    gx = torch.autograd.grad(got, xb, g.float())
-    gref = torch.autograd.grad(F.linear(torch.cat([x.double() for x in xb], -1), W.detach().float().double()),
-                               xb, g)
-    for a, r in zip(gx, gref):
-        assert a.dtype == torch.bfloat16 and _rel(a, r) < 1e-2  # one bf16 rounding
-    monkeypatch.setenv("FASTXLSTM_GATE_LINEAR", "bogus")
-    torch._dynamo.reset()
-    with pytest.raises(ValueError, match="FASTXLSTM_GATE_LINEAR"):
-        float_gate_linear(xs, W, b)
-    torch._dynamo.reset()
-
-
 def test_float_gate_linear_equals_cat_linear():
     torch.manual_seed(4)
     xs = [torch.randn(2, 7, k, dtype=torch.float64, requires_grad=True) for k in (5, 6, 7)]

@@ -11,7 +11,6 @@ tests compare them with it in float64.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -134,17 +133,11 @@ class _FloatGateLinear(torch.autograd.Function):
         for x in xs:
             acc = torch.promote_types(acc, x.dtype)
         widths = [x.shape[-1] for x in xs]
-        fused = _fused_gate_form()
         with torch.autocast(xs[0].device.type, enabled=False):
             ws = weight.to(acc).split(widths, dim=1)
             y = bias.to(acc).expand(*xs[0].shape[:-1], weight.shape[0])
             for x, w in zip(xs, ws):
-                if fused:
-                    # a broadcast multiply and a sum over K: Inductor reads x as it is and reduces in float32 in
-                    # one kernel (as a matmul: a float32 copy of x written, then a float32 SIMT GEMM reading it)
-                    y = y + (x.to(acc).unsqueeze(-2) * w).sum(-1)
-                else:
-                    y = y + F.linear(x.to(acc), w)
+                y = y + F.linear(x.to(acc), w)
         ctx.save_for_backward(weight, *xs)
         ctx.widths, ctx.acc, ctx.bias_dtype = widths, acc, bias.dtype
         return y
@@ -155,17 +148,9 @@ class _FloatGateLinear(torch.autograd.Function):
         acc = ctx.acc
         g2 = gy.to(acc).reshape(-1, gy.shape[-1])  # (N, G)
         gxs, gws = [], []
-        fused = _fused_gate_form()
         with torch.autocast(xs[0].device.type, enabled=False):
             for j, (x, w) in enumerate(zip(xs, weight.to(acc).split(ctx.widths, dim=1))):
-                if not ctx.needs_input_grad[2 + j]:
-                    gxs.append(None)
-                elif fused:
-                    # G products per element, summed in float32 and rounded once, fused by Inductor into the kernel
-                    # that adds this gradient to the input's other one (no (N, K) float32 tensor in memory)
-                    gxs.append((gy.to(acc).unsqueeze(-1) * w).sum(-2).to(x.dtype))
-                else:
-                    gxs.append((gy.to(acc) @ w).to(x.dtype))
+                gxs.append((gy.to(acc) @ w).to(x.dtype) if ctx.needs_input_grad[2 + j] else None)
                 x2 = x.reshape(-1, x.shape[-1])
                 if x.dtype in (torch.float16, torch.bfloat16):
                     # one 16-bit GEMM (float32 accumulation) on x as it is, as autocast's linear layers do: a
@@ -177,18 +162,6 @@ class _FloatGateLinear(torch.autograd.Function):
             gw = torch.cat(gws, dim=1).to(weight.dtype)
             gb = g2.sum(0).to(ctx.bias_dtype)
         return (gw, gb, *gxs)
-
-
-GATE_FORM_ENV = "FASTXLSTM_GATE_LINEAR"
-
-
-def _fused_gate_form() -> bool:
-    """Whether _FloatGateLinear computes its products as broadcast multiply + sum (fused by Inductor; the default
-    under torch.compile) rather than float32 matmuls (eager, or FASTXLSTM_GATE_LINEAR=matmul, kept to compare)."""
-    val = os.environ.get(GATE_FORM_ENV, "auto").strip().lower()
-    if val not in ("auto", "fused", "matmul"):
-        raise ValueError(f"{GATE_FORM_ENV} must be auto, fused or matmul, got {val!r}")
-    return val != "matmul" and torch.compiler.is_compiling()
 
 
 # at most this many rows (tokens) take the decode form of float_gate_linear under torch.compile
