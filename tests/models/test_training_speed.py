@@ -318,3 +318,33 @@ def test_compile_blocks_matches_eager_with_and_without_checkpointing():
         assert _rel(l2, l0) < 1e-5 and _worst(g2, g0) < 1e-4, name
         assert counters["stats"]["unique_graphs"] == graphs  # no new graphs for checkpointing or more blocks
         assert graphs <= 8, graphs
+
+
+@pytest.mark.parametrize("name", ["tiny", "7b-tiny"])
+def test_cell_gets_the_layers_contiguous_tensors(monkeypatch, name):
+    """Both mLSTM layers hand the cell their own (B, S, features) tensors, contiguous, and take the head views inside
+    ``mlstm_cell_call``: under ``compile_blocks`` those tensors are the compiled graph's outputs, and a strided
+    output made AOTAutograd copy its gradient (dq, dk, dv of every block) to contiguous on every step. The cell's
+    result equals the direct call on the head views."""
+    import fastxlstm.layers._fast as fast
+    seen = []
+    real = fast._mlstm_on_heads
+
+    def spy(q, k, v, gates, num_heads, **kw):
+        seen.append((q, k, v, gates, num_heads))
+        return real(q, k, v, gates, num_heads, **kw)
+    monkeypatch.setattr(fast, "_mlstm_on_heads", spy)
+    model = _perturbed(name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    model(ids)
+    assert seen
+    for q, k, v, gates, NH in seen:
+        assert all(t.is_contiguous() and t.dim() == 3 for t in (q, k, v, gates))
+        assert gates.shape[-1] == 2 * NH and gates.dtype == torch.float32
+        B, S = q.shape[:2]
+        from fastxlstm.ops.dispatch import _mlstm_unchecked
+        heads = lambda t: t.view(B, S, NH, -1).transpose(1, 2)  # noqa: E731
+        h_ref, _ = _mlstm_unchecked(heads(q), heads(k), heads(v), gates[..., :NH].transpose(1, 2),
+                                    gates[..., NH:].transpose(1, 2))
+        h, _ = real(q, k, v, gates, NH)
+        assert h.shape == (B, S, NH, v.shape[-1] // NH) and torch.equal(h, h_ref.transpose(1, 2))
