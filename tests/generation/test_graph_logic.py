@@ -140,6 +140,10 @@ def test_prefill_into_buffers(no_capture, name, chunk_len):
             if x is None:
                 continue
             assert (x.to(y.dtype).float() - y.float()).norm() <= 1e-6 * x.norm() + 1e-12
+    # buffers of another layout are refused, not silently misassigned
+    short = graph.XLSTMState(dec.state.blocks[:-1])
+    with pytest.raises(RuntimeError, match="blocks"):
+        graph.prefill(model, ids, None, chunk_len=chunk_len, into=short)
     # generation through it equals the eager loop (left padding included)
     pad = torch.ones_like(ids)
     pad[1, :7] = 0

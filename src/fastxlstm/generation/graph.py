@@ -189,6 +189,9 @@ def prefill(model, ids: torch.Tensor, resets: Optional[torch.Tensor], chunk_len:
         with contextlib.nullcontext() if runner is None else _block_runner(model, runner):
             out = model._forward(ids[:, a:b], state, None if resets is None else resets[:, a:b], True,
                                  logits_to_keep=1)
+        if runner is not None and runner.calls != len(into.blocks):
+            raise RuntimeError(f"prefill into buffers: the model ran {runner.calls} blocks, the buffers hold "
+                               f"{len(into.blocks)}")
         logits, state = out.logits[:, -1], out.state
         del out
     return logits, state
@@ -199,11 +202,14 @@ def _into_runner(into: XLSTMState, last: bool):
     the i-th call's new state is copied into ``into.blocks[i]`` and the buffer is returned in its place when it
     holds the value exactly (same dtypes) or this is the last chunk."""
     from dataclasses import fields
-    count = iter(range(len(into.blocks)))
 
     def run(blk, *args):
         y, new = blk(*args)
-        buf = into.blocks[next(count)]
+        if run.calls >= len(into.blocks):
+            raise RuntimeError(f"prefill into buffers: the model runs more blocks than the buffers hold "
+                               f"({len(into.blocks)})")
+        buf = into.blocks[run.calls]
+        run.calls += 1
         if new is None:
             return y, new
         exact = True
@@ -214,6 +220,7 @@ def _into_runner(into: XLSTMState, last: bool):
             d.copy_(s)
             exact = exact and d.dtype == s.dtype
         return y, (buf if exact or last else new)
+    run.calls = 0
     return run
 
 
