@@ -103,9 +103,6 @@ def _mode_for(model, compile) -> str:
     return compile_mode(compile)
 
 
-_MLSTM_FIELDS = ("C", "n", "m", "conv")
-
-
 def _call_block(blk, x, state, *rest):
     """``blk(x, state, *rest)``, then an mLSTM block's new state written into ``state``'s tensors (the decoder's
     static buffers) inside the compiled graph: Inductor then stores each new state tensor straight into its buffer
@@ -116,9 +113,8 @@ def _call_block(blk, x, state, *rest):
     y, new = blk(x, state, *rest)
     if not isinstance(state, MLSTMBlockState) or new is None:
         return y, new
-    for name in _MLSTM_FIELDS:
-        dst, src = getattr(state, name), getattr(new, name)
-        if dst is not None and src is not dst:
+    for dst, src in _pairs(state, new):
+        if src is not dst:  # identity, not data_ptr(): this runs inside the compiled graph
             dst.copy_(src)
     return y, state
 
@@ -199,10 +195,9 @@ def prefill(model, ids: torch.Tensor, resets: Optional[torch.Tensor], chunk_len:
 
 def _into_runner(into: XLSTMState, last: bool):
     """A block runner (see ``models.base._run_block``) for :func:`prefill` into buffers: the blocks run in order,
-    the i-th call's new state is copied into ``into.blocks[i]`` and the buffer is returned in its place when it
-    holds the value exactly (same dtypes) or this is the last chunk."""
-    from dataclasses import fields
-
+    the i-th call's new state goes into ``into.blocks[i]`` and the buffer is returned in its place, when the buffer
+    holds the value exactly (same dtypes) or this is the last chunk (earlier chunks of 16-bit buffers carry the
+    exact value and write nothing)."""
     def run(blk, *args):
         y, new = blk(*args)
         if run.calls >= len(into.blocks):
@@ -212,30 +207,42 @@ def _into_runner(into: XLSTMState, last: bool):
         run.calls += 1
         if new is None:
             return y, new
-        exact = True
-        for f in fields(buf):
-            d, s = getattr(buf, f.name), getattr(new, f.name)
-            if d is None or s is None:
-                continue
-            d.copy_(s)
-            exact = exact and d.dtype == s.dtype
-        return y, (buf if exact or last else new)
+        if not (last or _same_dtypes(buf, new)):
+            return y, new
+        _copy_block_(buf, new)
+        return y, buf
     run.calls = 0
     return run
 
 
+def _pairs(dst, src):
+    """(dst tensor, src tensor) of the two block states' fields that both have."""
+    for f in dataclasses.fields(dst):
+        d, s = getattr(dst, f.name), getattr(src, f.name)
+        if d is not None and s is not None:
+            yield d, s
+
+
+def _same_dtypes(dst, src) -> bool:
+    return all(d.dtype == s.dtype for d, s in _pairs(dst, src))
+
+
+def _copy_block_(dst, src) -> None:
+    """dst <- src field by field (block states of one type); a tensor that already is its destination (an in-place
+    update) is skipped."""
+    for d, s in _pairs(dst, src):
+        if s.data_ptr() != d.data_ptr():
+            d.copy_(s)
+
+
 def _state_tensors(state: XLSTMState) -> List[Optional[torch.Tensor]]:
-    from dataclasses import fields
-    return [getattr(blk, f.name) for blk in state.blocks for f in fields(blk)]
+    return [getattr(blk, f.name) for blk in state.blocks for f in dataclasses.fields(blk)]
 
 
 def _copy_state_(dst: XLSTMState, src: XLSTMState) -> None:
-    """dst <- src, tensor by tensor; a tensor that already is its destination (an in-place update) is skipped."""
-    for d, s in zip(_state_tensors(dst), _state_tensors(src)):
-        if d is None:
-            continue
-        if s.data_ptr() != d.data_ptr():
-            d.copy_(s)
+    """dst <- src, block by block (see :func:`_copy_block_`)."""
+    for d, s in zip(dst.blocks, src.blocks):
+        _copy_block_(d, s)
 
 
 @dataclass(frozen=True)
@@ -276,7 +283,7 @@ class GraphDecoder:
         self.eos = None if key.eos is None else torch.tensor(key.eos, dtype=torch.long, device=dev)
         # zeros in the state's shapes and dtypes, except that the C matrices (nearly all of the state) may be kept
         # in a 16-bit dtype (half the state traffic per step); allocated once, in their final dtype
-        layout = model.init_state(B, device="meta")
+        layout = self._layout = model.init_state(B, device="meta")  # the model's own state dtypes (read_state)
         self.state = XLSTMState(tuple(
             (dataclasses.replace(b, C=b.C.to(key.state_dtype))
              if isinstance(b, MLSTMBlockState) and key.state_dtype != torch.float32 else b).map(
@@ -363,12 +370,10 @@ class GraphDecoder:
     def read_state(self) -> XLSTMState:
         """A copy of the current state (a value: later steps do not change it), in the model's state dtypes
         (a 16-bit C buffer is returned as float32)."""
-        def value(b):
-            if isinstance(b, MLSTMBlockState) and b.C.dtype in (torch.bfloat16, torch.float16):
-                # the 16-bit C back to float32 (that cast is the copy); the rest cloned
-                return dataclasses.replace(dataclasses.replace(b, C=None).map(torch.clone), C=b.C.float())
-            return b.map(torch.clone)
-        return XLSTMState(tuple(value(b) for b in self.state.blocks))
+        return XLSTMState(tuple(
+            dataclasses.replace(b, **{f.name: getattr(b, f.name).to(getattr(ref, f.name).dtype, copy=True)
+                                      for f in dataclasses.fields(b) if getattr(b, f.name) is not None})
+            for b, ref in zip(self.state.blocks, self._layout.blocks)))
 
 
 def _fingerprint(model) -> int:
