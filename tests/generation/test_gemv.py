@@ -59,3 +59,6 @@ def test_gemv_auto_rule(monkeypatch):
     assert _gemv._use_gemv(wide)
     monkeypatch.setenv("FASTXLSTM_GEMV", "0")
     assert not _gemv.gemv_enabled() and not _gemv._use_gemv(narrow)
+    monkeypatch.setenv("FASTXLSTM_GEMV", "fast")  # a typo is refused, not read as "auto"
+    with pytest.raises(ValueError, match="FASTXLSTM_GEMV"):
+        _gemv.gemv_mode()

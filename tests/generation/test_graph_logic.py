@@ -181,6 +181,12 @@ def test_compile_mode_values(monkeypatch):
     assert graph._mode_for(_model("tiny"), None) == "off"  # CPU default: not compiled
     with pytest.raises(ValueError, match="compile mode"):
         graph.compile_mode("fast")
+    for var, fn in (("FASTXLSTM_COMPILE_DECODE", graph.compile_mode), ("FASTXLSTM_DECODE_STATE",
+                                                                     graph.decode_state_dtype)):
+        monkeypatch.setenv(var, "bogus")  # the environment's spelling is checked as strictly, and named
+        with pytest.raises(ValueError, match=var):
+            fn()
+        monkeypatch.delenv(var)
 
 
 def test_logits_mode_matches_forward(no_capture):

@@ -12,12 +12,12 @@ where it measured faster than cuBLAS inside the captured step (FASTXLSTM_GEMV: "
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
 from ..ops._intmath import cdiv, next_pow2
+from ._modes import env_choice
 
 __all__ = ["gemv", "skinny_linears", "gemv_enabled"]
 
@@ -25,8 +25,10 @@ __all__ = ["gemv", "skinny_linears", "gemv_enabled"]
 def gemv_mode() -> str:
     """FASTXLSTM_GEMV: "auto" (default: the Triton GEMV for the shapes where it beat cuBLAS inside the captured
     step, see ``_use_gemv``), "1" (every batch-1 linear), "0" (cuBLAS only)."""
-    v = os.environ.get("FASTXLSTM_GEMV", "auto").strip().lower() or "auto"
-    return {"1": "all", "true": "all", "all": "all", "0": "off", "false": "off", "off": "off"}.get(v, "auto")
+    return env_choice("FASTXLSTM_GEMV", "auto", _GEMV_ALIASES, "batch-1 GEMV mode")
+
+
+_GEMV_ALIASES = {"auto": "auto", "1": "all", "true": "all", "all": "all", "0": "off", "false": "off", "off": "off"}
 
 
 def gemv_enabled() -> bool:

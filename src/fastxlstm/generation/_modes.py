@@ -1,7 +1,9 @@
-"""The inference mode every generation path runs the model in."""
+"""The inference mode every generation path runs the model in, and the parser of generation's named options."""
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import Any, Mapping
 
 import torch
 
@@ -22,3 +24,17 @@ def inference(model):
     finally:
         if was_training:
             model.train(True)
+
+
+def choice(value: str, aliases: Mapping[str, Any], what: str) -> Any:
+    """The option ``value`` (case and surrounding blanks ignored) looked up in ``aliases`` (accepted spelling ->
+    canonical value); anything else is a ValueError naming ``what`` and the accepted spellings."""
+    v = value.strip().lower()
+    if v not in aliases:
+        raise ValueError(f"{what} must be one of {', '.join(aliases)}, got {value!r}")
+    return aliases[v]
+
+
+def env_choice(var: str, default: str, aliases: Mapping[str, Any], what: str) -> Any:
+    """:func:`choice` of the environment variable ``var`` (unset or blank: ``default``)."""
+    return choice(os.environ.get(var, "").strip() or default, aliases, f"{what} ({var})")

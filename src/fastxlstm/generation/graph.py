@@ -39,7 +39,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from ..layers.state import MLSTMBlockState, XLSTMState
-from ._modes import inference
+from ._modes import choice, env_choice, inference
 from .packing import pack_projections
 from .packing import packing_default as pack_default
 from .sampling import pick_with_uniform, sample_next_token
@@ -64,19 +64,18 @@ def compile_mode(value=None) -> str:
 
     ``value`` None reads FASTXLSTM_COMPILE_DECODE ("blocks", "full", "off"; "1" is "blocks", "0" is "off").
     True / False are "blocks" / "off"."""
+    if isinstance(value, bool):
+        return "blocks" if value else "off"
+    what = "decode compile mode"
     if value is None:
-        value = os.environ.get("FASTXLSTM_COMPILE_DECODE", "blocks").strip() or "blocks"
-    if value is True:
-        return "blocks"
-    if value is False:
-        return "off"
-    if isinstance(value, str):
-        v = {"1": "blocks", "0": "off", "true": "blocks", "false": "off", "on": "blocks"}.get(value.lower(),
-                                                                                                  value.lower())
-        if v in COMPILE_MODES:
-            return v
-    raise ValueError(f"decode compile mode must be one of {COMPILE_MODES} (or a bool), got {value!r} "
-                     "(FASTXLSTM_COMPILE_DECODE or compile=)")
+        return env_choice("FASTXLSTM_COMPILE_DECODE", "blocks", _COMPILE_ALIASES, what)
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be one of {COMPILE_MODES} (or a bool), got {value!r}")
+    return choice(value, _COMPILE_ALIASES, f"{what} (compile=)")
+
+
+_COMPILE_ALIASES = {**{m: m for m in COMPILE_MODES}, "1": "blocks", "true": "blocks", "on": "blocks", "0": "off",
+                    "false": "off"}
 
 
 _STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -86,11 +85,9 @@ _STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.
 def decode_state_dtype(value=None) -> torch.dtype:
     """The dtype of the decoder's C buffers: ``value`` (a torch dtype or a name) or FASTXLSTM_DECODE_STATE."""
     if value is None:
-        value = os.environ.get("FASTXLSTM_DECODE_STATE", "fp32").strip() or "fp32"
+        return env_choice("FASTXLSTM_DECODE_STATE", "fp32", _STATE_DTYPES, "decode state dtype")
     if isinstance(value, str):
-        if value.lower() not in _STATE_DTYPES:
-            raise ValueError(f"decode state dtype must be one of fp32, bf16, fp16, got {value!r}")
-        return _STATE_DTYPES[value.lower()]
+        return choice(value, _STATE_DTYPES, "decode state dtype")
     if value not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"decode state dtype must be torch.float32, torch.bfloat16 or torch.float16, got {value!r}")
     return value
@@ -396,6 +393,8 @@ def get_decoder(model, batch_size: int, sample: bool, top_k: Optional[int], use_
     ``pack`` (default: True unless FASTXLSTM_PACK=0): first pack the model's same-input projections in place
     (:func:`fastxlstm.generation.pack_projections`: one matmul per group, memory neutral, same function). False
     leaves the model as it is."""
+    from ._gemv import gemv_mode
+    gemv_mode()  # a bad FASTXLSTM_GEMV is refused here, not inside the capture (and its compile fallback)
     if pack_default() if pack is None else pack:
         pack_projections(model)  # before the fingerprint: packing moves the parameters into the packed tensors
     cache: "OrderedDict[_Key, GraphDecoder]" = model.__dict__.setdefault("_fastxlstm_graphs", OrderedDict())
