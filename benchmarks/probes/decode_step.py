@@ -129,8 +129,9 @@ if "stepk" in parts:
                         if B == 1 and BV > 32: continue
                         if B > 1 and BV < 32: continue
                         try:
-                            fn = lambda: step_forward(q, k, v, i, f, C, n, m, 1e-6, C_out=C, BK=BK, BV=BV, num_warps=w)
-                            ms = do_bench_cudagraph(fn, rep=30)
+                            fn = lambda: step_forward(q, k, v, i, f, C, n, m, 1e-6, C_out=C)
+                            with STEP.forced_tiles((BK, BV, w)):
+                                ms = do_bench_cudagraph(fn, rep=30)
                             row[f"BK{BK}_BV{BV}_w{w}"] = round(ms * 1e3, 2)
                         except Exception as e:
                             row[f"BK{BK}_BV{BV}_w{w}"] = str(e)[:100]
@@ -158,8 +159,9 @@ if "stepk13" in parts:
             for BV in (8, 16, 32, 64):
                 for w in (4, 8):
                     try:
-                        fn = lambda: STEP.step_forward(q, k, v, i, f, C, n, m, 1e-6, C_out=C, BK=BK, BV=BV, num_warps=w)
-                        row[(BK, BV, w)] = round(do_bench_cudagraph(fn, rep=30) * 1e3, 2)
+                        fn = lambda: STEP.step_forward(q, k, v, i, f, C, n, m, 1e-6, C_out=C)
+                        with STEP.forced_tiles((BK, BV, w)):
+                            row[(BK, BV, w)] = round(do_bench_cudagraph(fn, rep=30) * 1e3, 2)
                     except Exception as e:
                         pass
         fn = lambda: STEP.step_forward(q, k, v, i, f, C, n, m, 1e-6, C_out=C)
@@ -232,9 +234,8 @@ if "paper" in parts and left() > 40:
     model = build("1.3b")
     run_modes("1.3b_B1", model, 1, ["blocks"])
     if "best13" in res:
-        STEP._TILE_OVERRIDE = res["best13"]
-        run_modes("1.3b_B1_besttile", model, 1, ["blocks"])
-        STEP._TILE_OVERRIDE = None
+        with STEP.forced_tiles(res["best13"]):
+            run_modes("1.3b_B1_besttile", model, 1, ["blocks"])
     del model
     G._BLOCK_CALL = None
     gc.collect(); torch.cuda.empty_cache()

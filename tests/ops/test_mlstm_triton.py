@@ -364,6 +364,10 @@ def _aot_worker() -> None:
             comp(kern, dict(base, BT=64, BK=128, BV=128, SPLIT=split))
     comp(ck._bwd_dv_kernel, dict(base, BT=64, BK=128, BV=128))
     comp(st._step_kernel, dict(DQK=256, DV=512, BK=64, BV=64))
+    # the large heads' state tiles (default_config: 64 x 128 for DQK * DV >= 256^2), 16-bit, chunk 128
+    big = dict(DQK=512, DV=512, L=128, IP="ieee", UP=False)
+    comp(ck._fwd_state_kernel, dict(big, HAS_STATE=True, BK=64, BV=128))
+    comp(ck._bwd_state_kernel, dict(big, HAS_DSTATE=True, BK=64, BV=128))
     print("AOT OK")
 
 

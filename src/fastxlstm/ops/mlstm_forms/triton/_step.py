@@ -6,6 +6,8 @@ normaliser q . n_new (DQK values) is recomputed by every DV tile; that is cheap 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -76,14 +78,26 @@ def _tiles(BH: int, DQK: int, DV: int, c16: bool):
     return min(BK, max(16, next_pow2(DQK))), min(BV, max(16, next_pow2(DV))), 4
 
 
-# (BK, BV, num_warps) forced for every launch when set: for the tiling sweeps of the benchmarks, not for users
+# (BK, BV, num_warps) forced for every launch while set (see forced_tiles)
 _TILE_OVERRIDE = None
 
 
-def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=None, num_warps=None):
+@contextlib.contextmanager
+def forced_tiles(tiles):
+    """Every step-kernel launch inside uses ``tiles`` = (BK, BV, num_warps) instead of :func:`_tiles`' rule: for
+    the benchmarks' tiling sweeps (of the kernel alone and inside a captured decoder), not for users."""
+    global _TILE_OVERRIDE
+    prev, _TILE_OVERRIDE = _TILE_OVERRIDE, tuple(tiles)
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = prev
+
+
+def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None):
     """Kernel launch only (no autograd). Shapes: q, k (B, NH, DQK); v (B, NH, DV); i, f, m (B, NH).
     ``C_out``: where to write the new C (may be C itself: see fastxlstm.ops._inplace); a new tensor when None.
-    BK, BV, num_warps: the tiling (None: the default rule; the benchmarks sweep them)."""
+    The tiling follows :func:`_tiles` (or :func:`forced_tiles`)."""
     B, NH, DQK = q.shape
     DV = v.shape[-1]
     BH = B * NH
@@ -91,12 +105,7 @@ def step_forward(q, k, v, i, f, C, n, m, eps: float, C_out=None, BK=None, BV=Non
     Co = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32) if C_out is None else C_out
     no = torch.empty(B, NH, DQK, device=q.device, dtype=torch.float32)
     mo = torch.empty(B, NH, device=q.device, dtype=torch.float32)
-    dBK, dBV, dW = _tiles(BH, DQK, DV, Co.dtype != torch.float32)
-    if _TILE_OVERRIDE is not None:  # benchmarks only
-        dBK, dBV, dW = _TILE_OVERRIDE
-    BV = dBV if BV is None else BV
-    BK = dBK if BK is None else BK
-    num_warps = dW if num_warps is None else num_warps
+    BK, BV, num_warps = _TILE_OVERRIDE or _tiles(BH, DQK, DV, Co.dtype != torch.float32)
     _step_kernel[(cdiv(DV, BV), BH)](q, k, v, i, f, C, n, m, h, Co, no, mo, DQK ** -0.5, eps,
                                      DQK=DQK, DV=DV, BK=BK, BV=BV, num_warps=num_warps)
     return h, Co, no, mo
