@@ -123,15 +123,21 @@ class _TinyBlocksLinear(torch.autograd.Function):
         return gx, gw
 
 
+def _gate_dtype(weight: torch.Tensor, xs: Sequence[torch.Tensor]) -> torch.dtype:
+    """float32, or float64 when the weight or any input is float64: the dtype the gate products are computed in."""
+    acc = torch.promote_types(torch.float32, weight.dtype)
+    for x in xs:
+        acc = torch.promote_types(acc, x.dtype)
+    return acc
+
+
 class _FloatGateLinear(torch.autograd.Function):
     """y = bias + sum_j x_j @ W_j^T in float32 (float64 if any input is), W = [W_1 | W_2 | ...] split along its
     columns by the widths of the x_j. Saves only the x_j as given (no float32 copies) and the weight."""
 
     @staticmethod
     def forward(ctx, weight, bias, *xs):
-        acc = torch.promote_types(torch.float32, weight.dtype)
-        for x in xs:
-            acc = torch.promote_types(acc, x.dtype)
+        acc = _gate_dtype(weight, xs)
         widths = [x.shape[-1] for x in xs]
         with torch.autocast(xs[0].device.type, enabled=False):
             ws = weight.to(acc).split(widths, dim=1)
@@ -180,8 +186,7 @@ def float_gate_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
         # decoding under torch.compile: a few rows, so the product is a broadcast multiply and a sum over K in
         # float32, which Inductor fuses with the casts (and the cat) into one reduction kernel instead of a cast
         # and one or two cuBLAS float32 GEMV kernels per input
-        cd = torch.float64 if any(x.dtype == torch.float64 for x in xs) or weight.dtype == torch.float64 \
-            else torch.float32
+        cd = _gate_dtype(weight, xs)
         x = torch.cat([x.to(cd) for x in xs], dim=-1) if len(xs) > 1 else xs[0].to(cd)
         return (x[..., None, :] * weight.to(cd)).sum(-1) + bias.to(cd)
     return _FloatGateLinear.apply(weight, bias, *xs)
