@@ -201,6 +201,22 @@ class XLSTMModelBase(nn.Module):
         x, _ = self._backbone(ids, None, None, False)
         return self._head(x[mask])
 
+    def _outputs(self, x: torch.Tensor, new_state, logits_to_keep: int, labels, loss_reduction: str):
+        """The forward's result from the backbone's output x (B, S, E): with labels the loss (chunked cross entropy
+        of the normed x, no (B, S, V) logits), else the float32 logits of the last ``logits_to_keep`` positions
+        (0: all). Each model provides ``_backbone``, ``_normed`` (output norm, in the LM head's input dtype),
+        ``_head`` and ``_logit_soft_cap``."""
+        from .output import CausalLMOutput
+        if labels is not None:
+            loss = self._lm_loss(self._normed(x), labels, loss_reduction, soft_cap=self._logit_soft_cap)
+            return CausalLMOutput(logits=None, state=new_state, loss=loss)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self._head(x), state=new_state)
+
+    #: the soft cap of the output logits (None: none)
+    _logit_soft_cap = None
+
     def _lm_loss(self, hidden: torch.Tensor, labels, reduction: str, soft_cap=None) -> torch.Tensor:
         from .loss import chunked_cross_entropy
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):

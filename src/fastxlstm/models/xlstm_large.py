@@ -355,13 +355,7 @@ class XLSTMLarge(XLSTMModelBase):
                  labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
         x, new_state = self._backbone(ids, state, resets, return_state, backend)
-        if labels is not None:
-            x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
-            loss = self._lm_loss(x, labels, loss_reduction, soft_cap=self.config.output_logit_soft_cap)
-            return CausalLMOutput(logits=None, state=new_state, loss=loss)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self._head(x), state=new_state)
+        return self._outputs(x, new_state, logits_to_keep, labels, loss_reduction)
 
     def _backbone(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
                   return_state: bool = True, backend: Optional[str] = None):
@@ -378,7 +372,13 @@ class XLSTMLarge(XLSTMModelBase):
             new_blocks.append(st)
         return x, (XLSTMState(tuple(new_blocks)) if return_state else None)
 
+    @property
+    def _logit_soft_cap(self):
+        return self.config.output_logit_soft_cap
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of backbone outputs x (..., E): output norm, LM head, output soft cap."""
-        x = self.backbone.out_norm(x).to(self.lm_head.weight.dtype)
-        return soft_cap(self.lm_head(x).float(), self.config.output_logit_soft_cap)
+        return soft_cap(self.lm_head(self._normed(x)).float(), self._logit_soft_cap)

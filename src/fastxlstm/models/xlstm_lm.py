@@ -249,12 +249,7 @@ class XLSTMLM(XLSTMModelBase):
                  loss_reduction: str = "mean") -> CausalLMOutput:
         """forward() without the input checks (inputs already validated at the public edge)."""
         x, new_state = self._backbone(ids, state, resets, return_state)
-        if labels is not None:
-            return CausalLMOutput(logits=None, state=new_state,
-                                  loss=self._lm_loss(self.out_norm(x), labels, loss_reduction))
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self._head(x), state=new_state)
+        return self._outputs(x, new_state, logits_to_keep, labels, loss_reduction)
 
     def _backbone(self, ids: torch.Tensor, state: Optional[XLSTMState], resets: Optional[torch.Tensor],
                   return_state: bool = True):
@@ -270,6 +265,9 @@ class XLSTMLM(XLSTMModelBase):
             new_blocks.append(st)
         return x, (XLSTMState(tuple(new_blocks)) if return_state else None)
 
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(x)
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) of backbone outputs x (..., E): output norm, LM head."""
-        return self.lm_head(self.out_norm(x)).float()
+        return self.lm_head(self._normed(x)).float()
