@@ -16,8 +16,7 @@ float rounding from a different chunk alignment). Rows that emitted ``eos_token_
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
