@@ -12,7 +12,9 @@ after ``--warmup`` (compilation happens in the warmup), torch.cuda.synchronize a
 torch.cuda.max_memory_allocated over the warmup and timed steps (parameters, gradients and Adam state included).
 
 Paths: "eager" is the plain step (float32 logits, F.cross_entropy), as fastxlstm's trainer ran it before this
-benchmark; "fast" is ``model.compile_blocks()`` plus the chunked loss ``model(ids, labels=...).loss``; "fast+ckpt"
+benchmark; "fast" is ``model.compile_blocks()`` plus the chunked loss ``model(ids, labels=...).loss``; "fast+graph"
+the same forward + backward captured once as a CUDA graph and replayed (``fastxlstm.train.graphs.GraphedStep``, what
+``fastxlstm train --device cuda`` runs; the optimizer step stays outside); "fast+ckpt"
 adds activation checkpointing (after the fast runs, same contexts; it reuses the compiled blocks). Before timing the fast path, the
 same run checks it: loss and gradients of one batch against the eager path (relative errors in the JSON).
 
@@ -147,7 +149,25 @@ def make_optimizer(model, device):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kw)
 
 
+def graphed_step(model, device):
+    """The model's forward + backward as a CUDA graph (fastxlstm.train.graphs), made once per model; a new (B, S)
+    re-captures it."""
+    g = getattr(model, "_bench_graph", None)
+    if g is None:
+        import torch
+        from fastxlstm.train.graphs import GraphedStep
+        g = model._bench_graph = GraphedStep(
+            model, lambda ids, labels: model(ids, labels=labels, return_state=False).loss,
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    return g
+
+
 def train_step(kind, model, opt, ids, labels, fast, device):
+    if fast == "graph":
+        loss = graphed_step(model, device)(ids, labels)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
     with autocast_ctx(device):
         loss = loss_fn(kind, model, ids, labels, fast)
     loss.backward()
@@ -210,6 +230,7 @@ def measure(kind, model, opt, S, tokens, V, device, fast, warmup, steps, time_le
            "first_step_s": first, "loss_first": losses[0], "loss_last": losses[-1]}
     if device.type == "cuda":
         rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        rec["reserved_gb"] = torch.cuda.memory_reserved(device) / 1e9  # a CUDA graph's pool counts here
     if not all(math.isfinite(x) for x in losses):
         rec["warning"] = "non-finite loss"
     return rec
@@ -465,6 +486,21 @@ def main_bench(args):
                                              "budget_s": args.budget_s},
            "results": [], "checks": [], "profiles": {}}
 
+    if args.append and os.path.exists(args.out):
+        # earlier calls' rows (e.g. other models, when one call cannot hold the whole run) kept, marked with their date
+        with open(args.out) as f:
+            old = json.load(f)
+        for key in ("results", "checks"):
+            for r in old.get(key, []):
+                r.setdefault("date", old.get("date"))
+                r.setdefault("fastxlstm_commit", old.get("versions", {}).get("fastxlstm_commit"))
+                res[key].append(r)
+        res["params"] = dict(old.get("params", {}))
+        res["profiles"] = dict(old.get("profiles", {}))
+        res["earlier_runs"] = old.get("earlier_runs", []) + [{"date": old.get("date"),
+                                                              "versions": old.get("versions"),
+                                                              "elapsed_s": old.get("elapsed_s")}]
+
     def save():
         res["elapsed_s"] = time.perf_counter() - t_start
         tmp = args.out + ".tmp"
@@ -545,6 +581,11 @@ def main_bench(args):
                 save()
             for S in ctxs:
                 run_config("ours", name, "fast", model, opt, S, fast=True, min_s=20)
+            if args.graph:
+                for S in ctxs:
+                    run_config("ours", name, "fast+graph", model, opt, S, fast="graph", min_s=20)
+                model._bench_graph = None  # frees the graph's memory pool
+                free(device)
             if profile and time_left() > 30:
                 try:
                     res["profiles"][f"{name} fast"] = profile_step("ours", model, opt, ctxs[0], tokens, V, device,
@@ -713,6 +754,10 @@ def parse(argv=None):
                    help="comma-separated models whose fast (and eager) step is profiled at the first context")
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the eager path (--no-eager: the fast path only; the check still runs)")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the fast path replayed as a CUDA graph (fastxlstm.train.graphs; path fast+graph)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out (an earlier call's) and add this run's")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="only redo the plot and table from this JSON")
     p.add_argument("--_official", type=int, default=None, help=argparse.SUPPRESS)

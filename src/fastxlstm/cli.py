@@ -76,7 +76,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "model and data": ("preset", "init_from", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer"),
         "optimisation": ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio",
                          "weight_decay", "beta1", "beta2", "grad_clip", "precision", "compile", "fast_path",
-                         "activation_checkpointing", "seed"),
+                         "cuda_graph", "activation_checkpointing", "seed"),
         "evaluation, checkpoints and output": ("eval_every", "eval_windows", "log_every", "save_every",
                                                "keep_checkpoints", "out", "resume", "stop_at", "tensorboard",
                                                "sample_tokens", "sample_prompt", "progress"),

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import values_readable
+
 __all__ = ["CausalConv1d"]
 
 
@@ -80,9 +82,9 @@ class CausalConv1d(nn.Module):
         xp = torch.cat([state, x], dim=1)  # (B, K-1+S, D); xp[:, K-1+t] = x[:, t]
         w = self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        # (inside torch.compile the masked path runs whenever resets are given: it is exact without resets too, and
-        # testing for any reset would need the value on the host, splitting the graph)
-        if resets is not None and (torch.compiler.is_compiling() or bool(resets.any())):
+        # (inside torch.compile or a CUDA graph capture the masked path runs whenever resets are given: it is exact
+        # without resets too, and testing for any reset would need the value on the host)
+        if resets is not None and (not values_readable(resets) or bool(resets.any())):
             return self._forward_resets(xp, w, b, resets)
         if S == 1 and not torch.compiler.is_compiling():
             # decoding step: one dot product per channel, cheaper than launching a convolution

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..ops._checks import values_readable
 from ..layers.state import MLSTMBlockState, XLSTMState
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -187,7 +188,9 @@ class XLSTMModelBase(nn.Module):
             return self._block_runner(blk, *args)
         if self.gradient_checkpointing and torch.is_grad_enabled() and self.training:
             from torch.utils.checkpoint import checkpoint
-            return checkpoint(blk, *args, use_reentrant=False)
+            # no block draws random numbers (no dropout), so the RNG state need not be saved and restored; that
+            # also keeps the recomputation capturable in a CUDA graph (fastxlstm.train.graphs)
+            return checkpoint(blk, *args, use_reentrant=False, preserve_rng_state=False)
         return blk(*args)
 
     def _logits_at(self, input_ids, mask: torch.Tensor) -> torch.Tensor:
@@ -247,11 +250,11 @@ class XLSTMModelBase(nn.Module):
         device = self.device
         if input_ids.device != device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
-        if input_ids.numel() > 0 and not torch.compiler.is_compiling():
+        if input_ids.numel() > 0 and values_readable(input_ids):
             # one device-to-host transfer for both bounds (this runs on every decoding step). Skipped inside
-            # torch.compile, where it would split the graph: a bad id there is not silent but fatal (Inductor's
-            # "index out of bounds" abort on the CPU, a device-side assert on CUDA); the trainer checks the range
-            # of its token data when it loads it
+            # torch.compile, where it would split the graph, and while a CUDA graph is captured: a bad id there is
+            # not silent but fatal (Inductor's "index out of bounds" abort on the CPU, a device-side assert on
+            # CUDA); the trainer checks the range of its token data when it loads it
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {lo} max {hi}")

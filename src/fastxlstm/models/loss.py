@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops._checks import values_readable
+
 __all__ = ["chunked_cross_entropy", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -159,7 +161,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     t = targets.reshape(-1).long()
     if ignore_index != IGNORE_INDEX:
         t = torch.where(t == ignore_index, torch.full_like(t, IGNORE_INDEX), t)
-    if t.numel() and not torch.compiler.is_compiling():
+    if t.numel() and values_readable(t):
         counted = t[t != IGNORE_INDEX]
         if counted.numel():
             lo, hi = torch.stack(torch.aminmax(counted)).tolist()

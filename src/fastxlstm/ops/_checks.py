@@ -18,6 +18,15 @@ def check_tensor(name: str, x, ndim: int, dtypes: Sequence[torch.dtype] = _FLOAT
     return x
 
 
+def values_readable(x: torch.Tensor) -> bool:
+    """Whether the host may read ``x``'s values now (a value check's ``.tolist()``): not inside torch.compile (it
+    would split the graph) nor while a CUDA graph is being captured (a device-to-host copy is not allowed there;
+    fastxlstm.train.graphs captures training steps)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], what: str = "") -> None:
     if tuple(x.shape) != tuple(shape):
         extra = f" ({what})" if what else ""

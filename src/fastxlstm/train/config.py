@@ -38,6 +38,9 @@ HELP = {
     "fast_path": "the training fast path: every block compiled with torch.compile and a chunked cross entropy "
                  "that never forms the float32 logits (default: on for CUDA, off elsewhere, where the eager "
                  "path is the reference)",
+    "cuda_graph": "replay the forward + backward of each micro-batch as one CUDA graph (fast path, one GPU, no "
+                  "torchrun): no host time spent launching its thousands of kernels (default: on there; a step "
+                  "that cannot be captured falls back to the plain one with a note)",
     "activation_checkpointing": "recompute each block's activations in the backward (less memory, ~1/3 more "
                                 "compute)",
     "eval_every": "evaluate held-out bits per byte every this many steps (0: only at start and end)",
@@ -85,6 +88,7 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     fast_path: Optional[bool] = None
+    cuda_graph: Optional[bool] = None
     activation_checkpointing: bool = False
     eval_every: int = 60
     eval_windows: int = 128
@@ -142,8 +146,9 @@ class TrainConfig:
             pos_int("stop_at")
         if self.eod_token is not None:
             pos_int("eod_token", allow_zero=True)
-        if self.fast_path is not None and not isinstance(self.fast_path, bool):
-            raise ValueError(f"--fast-path must be true, false or none (auto), got {self.fast_path!r}")
+        for n in ("fast_path", "cuda_graph"):
+            if getattr(self, n) is not None and not isinstance(getattr(self, n), bool):
+                raise ValueError(f"{_flag(n)} must be true, false or none (auto), got {getattr(self, n)!r}")
         for n in ("compile", "activation_checkpointing", "resume", "fsdp", "tensorboard", "progress"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{_flag(n)} must be true or false, got {getattr(self, n)!r}")
@@ -170,7 +175,7 @@ class TrainConfig:
 RESUME_FIXED = ("preset", "model", "data", "data_dtype", "eod_token", "tokenizer", "train_tokenizer", "init_from",
                 "seq_len", "seed")
 # how to run this invocation, not what the run is: never restored from the directory
-PER_INVOCATION = ("out", "resume", "stop_at", "device", "threads", "progress")
+PER_INVOCATION = ("out", "resume", "stop_at", "device", "threads", "progress", "cuda_graph")
 
 
 def given_fields(cfg: "TrainConfig") -> set:

@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from . import rundir
 from .config import TrainConfig, given_fields, merge_resume_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_str, init_distributed, shutdown, wrap_model
+from .graphs import GraphCaptureError, GraphedStep
 from .optim import build_optimizer, lr_at, optimizer_groups, set_lr
 
 __all__ = ["train", "NonFiniteLoss", "lr_at", "optimizer_groups", "build_model_config", "lm_loss",
@@ -172,6 +173,7 @@ class _Run:
     last_good: Optional[str] = None
     t_loop: float = 0.0
     fast: bool = False          # the training fast path (compiled blocks + chunked loss): see TrainConfig.fast_path
+    graph: Optional[GraphedStep] = None   # the micro-step as a CUDA graph: see TrainConfig.cuda_graph
 
 
 def _open_run_dir(cfg: TrainConfig, info: DistInfo, run: _Run) -> Tuple[Optional[str], bool]:
@@ -295,6 +297,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, given, run: _Run) -> _Run:
     elif cfg.compile:
         run.core.compile()                            # in place: parameter names (checkpoint keys) unchanged
     run.optimizer = build_optimizer(run.core, cfg, device)
+    run.graph = _graphed_step(run, cfg, info)
 
     if loaded is not None:
         model_sd, optim_sd, rng, tstate, _ = loaded
@@ -326,6 +329,53 @@ def _setup(cfg: TrainConfig, info: DistInfo, given, run: _Run) -> _Run:
             rundir.update_latest(run.out)
     run.last_good = ckpt.latest_checkpoint(run.ckpt_root)
     return run
+
+
+def _graphed_step(run: _Run, cfg: TrainConfig, info: DistInfo) -> Optional[GraphedStep]:
+    """The micro-step (forward + backward) as a CUDA graph, when ``cfg.cuda_graph`` asks for it (None: where it
+    applies, i.e. the fast path on one CUDA device without torchrun)."""
+    why_not = ("it needs a CUDA device" if info.device.type != "cuda" else
+               "it needs the fast path (compiled blocks and the chunked loss)" if not run.fast else
+               "it runs one process (under torchrun the DDP/FSDP hooks are not captured)"
+               if info.distributed or run.fwd is not run.core else None)
+    if cfg.cuda_graph is False or (cfg.cuda_graph is None and why_not is not None):
+        return None
+    if why_not is not None:
+        raise ValueError(f"--cuda-graph: {why_not}")
+    core = run.core
+
+    def loss_fn(ids, resets, labels):  # the summed cross entropy, chunk by chunk: no float32 logits
+        return core(ids, resets=resets, return_state=False, labels=labels, loss_reduction="sum").loss
+
+    # the token data's range was checked when it was loaded; inside the graph nothing is read back
+    return GraphedStep(core, loss_fn, accumulate=cfg.grad_accum > 1,
+                       autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+
+
+def _micro_step(run: _Run, cfg: TrainConfig, info: DistInfo, mb, scale: float, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch (already on the device); the gradient of ``scale * nll`` is added
+    to the parameters' gradients. Returns the summed negative log-likelihood (float32, detached)."""
+    fwd, device = run.fwd, info.device
+    if run.fast:
+        labels = mb.targets.masked_fill(~mb.mask, -100)
+        if run.graph is not None:
+            try:
+                return run.graph(mb.input_ids, mb.resets, labels, scale=scale).float()
+            except GraphCaptureError as e:
+                if cfg.cuda_graph:
+                    raise
+                _log(info, f"note: {e}\nnote: training goes on without the CUDA graph (--no-cuda-graph skips the "
+                           f"attempt)")
+                run.graph = None
+    with contextlib.nullcontext() if sync else fwd.no_sync():
+        with _autocast(cfg, device):
+            if run.fast:  # the summed cross entropy, chunk by chunk: no float32 logits
+                nll = fwd(mb.input_ids, resets=mb.resets, return_state=False, labels=labels,
+                          loss_reduction="sum").loss.float()
+            else:
+                nll = lm_loss(fwd(mb.input_ids, resets=mb.resets, return_state=False).logits, mb.targets, mb.mask)
+        (nll * scale).backward()
+    return nll.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,19 +476,8 @@ def _train(cfg: TrainConfig, info: DistInfo, step_callback, given) -> Dict[str, 
                 scale = info.world_size / max(n_valid, 1)
                 for mi, mb in enumerate(micros):
                     byte_sum += float((token_bytes[mb.targets] * mb.mask).sum())  # on the CPU copy: no sync
-                    mb = mb.to(device)
                     sync = (mi == len(micros) - 1) or not hasattr(fwd, "no_sync")
-                    with contextlib.nullcontext() if sync else fwd.no_sync():
-                        with _autocast(cfg, device):
-                            if run.fast:  # the summed cross entropy, chunk by chunk: no float32 logits
-                                nll = fwd(mb.input_ids, resets=mb.resets, return_state=False,
-                                          labels=mb.targets.masked_fill(~mb.mask, -100),
-                                          loss_reduction="sum").loss.float()
-                            else:
-                                nll = lm_loss(fwd(mb.input_ids, resets=mb.resets, return_state=False).logits,
-                                              mb.targets, mb.mask)
-                        (nll * scale).backward()
-                    loss_sum += nll.detach().double()
+                    loss_sum += _micro_step(run, cfg, info, mb.to(device), scale, sync).double()
                 grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(),
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 if hasattr(grad_norm, "full_tensor"):
