@@ -6,7 +6,7 @@ models, eager and with the fast path, side by side with a same-size Llama (trans
     python benchmarks/training.py --device cpu --tiny      # a smoke test of the whole script on the CPU
     python benchmarks/training.py --plot benchmarks/results/h200_training.json   # redo the plot and the table
 
-Setup (shared/ANCHORS.md's): 16,384 tokens per step (B = 16384 / S; at 32k one sequence, 32,768 tokens), bf16
+Setup (the one the competitors' numbers were measured with): 16,384 tokens per step (B = 16384 / S; at 32k one sequence, 32,768 tokens), bf16
 autocast with float32 parameters, fused AdamW, vocabulary 50,304, random tokens. Timed: ``--steps`` full steps
 after ``--warmup`` (compilation happens in the warmup), torch.cuda.synchronize around them; peak memory is
 torch.cuda.max_memory_allocated over the warmup and timed steps (parameters, gradients and Adam state included).
@@ -15,7 +15,8 @@ Paths: "eager" is the plain step (float32 logits, F.cross_entropy), as fastxlstm
 benchmark; "fast" is ``model.compile_blocks()`` plus the chunked loss ``model(ids, labels=...).loss``; "fast+graph"
 the same forward + backward captured once as a CUDA graph and replayed (``fastxlstm.train.graphs.GraphedStep``, what
 ``fastxlstm train --device cuda`` runs; the optimizer step stays outside); "fast+ckpt"
-adds activation checkpointing (after the fast runs, same contexts; it reuses the compiled blocks). Before timing the fast path, the
+adds activation checkpointing (after the fast runs, same contexts; it reuses the compiled blocks; "fast+ckpt+graph"
+with --graph, the default). Before timing the fast path, the
 same run checks it: loss and gradients of one batch against the eager path (relative errors in the JSON).
 
 Competitors: transformers LlamaForCausalLM (SDPA, E=1024, 24 layers, 16 heads, FFN 2816, tied: ~360M) and the
@@ -596,10 +597,14 @@ def main_bench(args):
                 save()
             long = [S for S in ctxs if S >= ckpt_from]
             if long:
-                model.set_activation_checkpointing(True)
+                model.set_activation_checkpointing(True)  # a changed model: a graph captured before must go
+                model._bench_graph = None
                 for S in long:
-                    run_config("ours", name, "fast+ckpt", model, opt, S, fast=True, min_s=20)
+                    run_config("ours", name, "fast+ckpt+graph" if args.graph else "fast+ckpt", model, opt, S,
+                               fast="graph" if args.graph else True, min_s=20)
                 model.set_activation_checkpointing(False)
+                model._bench_graph = None
+                free(device)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             record(name, "build", 0, error_record(e))

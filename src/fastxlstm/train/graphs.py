@@ -30,6 +30,9 @@ device values inside ``loss_fn`` (fastxlstm models skip their value checks of to
 pass ``check`` to validate each call's inputs, or validate the data once, as the trainer does). A new input shape,
 dtype or None-pattern re-captures (warm-up and capture again, ~the time of ``warmup + 1`` plain steps); the first
 call also compiles whatever ``loss_fn`` compiles. Randomness inside (dropout) draws new numbers at every replay.
+The graph replays the model as it was captured: after changing it (activation checkpointing switched, modules or
+parameter tensors replaced; in-place updates such as optimizer steps and ``load_state_dict`` are fine), make a new
+GraphedStep.
 """
 from __future__ import annotations
 
