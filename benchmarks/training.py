@@ -537,6 +537,8 @@ def main_bench(args):
         return rec
 
     def phase_ours(name, ctxs, do_eager=True, do_fast=True, check=True, ckpt_from=0, profile=False):
+        if not ctxs:
+            return
         if time_left() < 15:
             for S in ctxs:
                 record(name, "eager", S, {"status": "skipped: budget"})
@@ -658,9 +660,9 @@ def main_bench(args):
             phase_llama(long_ctx)
         for name in ("7b-400m", "350m"):
             if name in models:
-                phase_ours(name, long_ctx, check=False, ckpt_from=0)
+                phase_ours(name, long_ctx, do_eager=args.eager, check=False, ckpt_from=0)
     if "350m-7-1" in models and len(main_ctx) > 1:
-        phase_ours("350m-7-1", main_ctx[1:], check=False, ckpt_from=10 ** 9)
+        phase_ours("350m-7-1", main_ctx[1:], do_eager=args.eager, check=False, ckpt_from=10 ** 9)
     save()
     print(f"wrote {args.out} ({time.perf_counter() - t_start:.0f} s)")
     try:
@@ -713,17 +715,23 @@ def plot(path):
     series = {}
     for r in res["results"]:
         if r.get("status") == "ok":
-            label = r["model"] if r["path"] in (r["model"], "sdpa") else f"{r['model']} {r['path']}"
-            series.setdefault(label, []).append((r["context"], r["tokens_per_s"] / 1e3,
-                                                                       r.get("peak_mem_gb")))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for label, pts in sorted(series.items()):
+            series.setdefault((r["model"], r["path"]), []).append((r["context"], r["tokens_per_s"] / 1e3,
+                                                                  r.get("peak_mem_gb")))
+    # colour = model, line style and marker = path
+    colours = {"llama": "black", "7b-400m": "tab:blue", "350m": "tab:orange", "350m-7-1": "tab:green",
+               "official": "tab:red"}
+    styles = {"eager": (":", "x"), "fast": ("--", "s"), "fast+graph": ("-", "o"), "fast+ckpt": ("-.", "v"),
+              "fast+ckpt+graph": ("-.", "v")}
+    fig, axes = plt.subplots(1, 2, figsize=(15.5, 5))
+    for (model, kind), pts in sorted(series.items(), key=lambda kv: (kv[0][0] != "llama", kv[0])):
         pts.sort()
         xs = [p[0] for p in pts]
-        ls = "--" if "eager" in label else "-"
-        axes[0].plot(xs, [p[1] for p in pts], ls, marker="o", label=label)
+        ls, mk = styles.get(kind, ("-", "o"))
+        label = model if kind in (model, "sdpa") else f"{model} {kind}"
+        kw = dict(color=colours.get(model), marker=mk, label=label, lw=2.2 if model == "llama" else 1.5)
+        axes[0].plot(xs, [p[1] for p in pts], ls, **kw)
         if pts[0][2] is not None:
-            axes[1].plot(xs, [p[2] for p in pts], ls, marker="o", label=label)
+            axes[1].plot(xs, [p[2] for p in pts], ls, **kw)
     for ax, title, yl in ((axes[0], "training throughput", "tokens/s (thousands)"),
                           (axes[1], "peak memory", "GB")):
         ax.set_xscale("log", base=2)
@@ -731,8 +739,9 @@ def plot(path):
         ax.set_ylabel(yl)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{res.get('device', '')}: {res['setup']['tokens_per_step']} tokens/step, bf16, AdamW")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{res.get('device', '')}: {res['setup']['tokens_per_step']:,} tokens per step (one sequence "
+                 f"above that), bf16 autocast, fused AdamW")
     fig.tight_layout()
     png = os.path.splitext(path)[0] + ".png"
     fig.savefig(png, dpi=110)
