@@ -91,9 +91,8 @@ if os.environ.get("GRAPH"):
     before = plain_loss()
     graphed = GraphedStep(m, lambda a, b: m(a, labels=b, return_state=False).loss, autocast_dtype=torch.bfloat16)
     rec = timed(tag + "+graph")
-    # the loss of the last replayed step's batch at the weights it saw: replay once more without updating
-    opt_step, opt.step = opt.step, lambda: None
+    # the loss of the batch at the current weights through the graph (a replay computes gradients, updates nothing)
     graph_loss = float(graphed(ids, ids))
-    opt.step = opt_step
+    opt.zero_grad(set_to_none=True)
     rec["check"] = {"plain_loss_now": plain_loss(), "graph_loss_now": graph_loss, "plain_loss_before": before}
     print(json.dumps(rec), flush=True)

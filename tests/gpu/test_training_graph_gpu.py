@@ -7,11 +7,20 @@ compilation).
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 
+from fastxlstm.cli import main
 from fastxlstm.models.presets import build_model
 from fastxlstm.train.graphs import GraphedStep
+from helpers import rel_err
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+from train_helpers import fast_args, write_corpus  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,11 +29,6 @@ CONFIGS = [
     ("tiny", dict(vocab_size=512, embedding_dim=128, num_blocks=3, slstm_at=(1,), chunk_size=64)),
     ("7b-tiny", dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_heads=2)),
 ]
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def _model(name, overrides, ckpt=False):
@@ -91,8 +95,8 @@ def test_graphed_step_equals_the_plain_step(name, overrides, accum, resets, ckpt
     # the graph replays the same kernels: equal up to the order of floating-point work (bitwise in practice)
     assert max(abs(a - b) / abs(b) for a, b in zip(l1, l0)) < 1e-5, (l1, l0)
     assert g1.keys() == g0.keys()
-    assert max(_rel(g1[n], g0[n]) for n in g0 if g0[n].norm() > 0) < 1e-4
-    assert max(_rel(w1[n], w0[n]) for n in w0) < 1e-5
+    assert max(rel_err(g1[n], g0[n]) for n in g0 if g0[n].norm() > 0) < 1e-4
+    assert max(rel_err(w1[n], w0[n]) for n in w0) < 1e-5
 
 
 def test_new_shape_recaptures_and_stays_exact():
@@ -109,18 +113,11 @@ def test_new_shape_recaptures_and_stays_exact():
             ref = _loss_fn(m0)(ids, None, labels)
         ref.float().backward()
         assert abs(float(loss) - float(ref)) / abs(float(ref)) < 1e-5
-        assert max(_rel(got[n], p.grad) for n, p in m0.named_parameters() if p.grad.norm() > 0) < 1e-4
+        assert max(rel_err(got[n], p.grad) for n, p in m0.named_parameters() if p.grad.norm() > 0) < 1e-4
     assert step.captures == 3
 
 
 def test_trainer_with_and_without_the_graph(tmp_path):
-    import json
-    import os
-    from fastxlstm.cli import main
-    here = os.path.dirname(__file__)
-    import sys
-    sys.path.insert(0, os.path.join(here, "..", "train"))
-    from train_helpers import fast_args, write_corpus
     corpus = write_corpus(tmp_path / "corpus")
     curves = []
     for flag in ("cuda_graph", "no_cuda_graph"):

@@ -11,6 +11,7 @@ from fastxlstm.models.presets import build_model
 from fastxlstm.ops._checks import values_readable
 from fastxlstm.train.config import TrainConfig
 from fastxlstm.train.graphs import GraphedStep
+from helpers import rel_err
 from train_helpers import fast_args, read_metrics, write_corpus
 
 
@@ -46,10 +47,6 @@ def _reference_grads(m, batches_scales):
     return out
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def test_replace_mode_gives_the_last_calls_gradient():
     m = _model()
     ref = _reference_grads(m, [(_batch(2), 0.5)])
@@ -60,7 +57,7 @@ def test_replace_mode_gives_the_last_calls_gradient():
     assert abs(float(loss) - float(_loss(m)(*_batch(2)).detach())) < 1e-9
     got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     assert got.keys() == ref.keys()
-    assert max(_rel(got[n], ref[n]) for n in ref) < 1e-12
+    assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-12
 
 
 def test_accumulate_mode_adds_to_the_gradients_and_none_counts_as_zero():
@@ -71,11 +68,11 @@ def test_accumulate_mode_adds_to_the_gradients_and_none_counts_as_zero():
     m.zero_grad(set_to_none=True)
     step(*b1, scale=0.25)
     step(*b2, scale=2.0)
-    assert max(_rel(p.grad, ref[n]) for n, p in m.named_parameters() if n in ref) < 1e-12
+    assert max(rel_err(p.grad, ref[n]) for n, p in m.named_parameters() if n in ref) < 1e-12
     m.zero_grad(set_to_none=True)                   # set to None between optimizer steps: starts from zero again
     step(*b1, scale=0.25)
     step(*b2, scale=2.0)
-    assert max(_rel(p.grad, ref[n]) for n, p in m.named_parameters() if n in ref) < 1e-12
+    assert max(rel_err(p.grad, ref[n]) for n, p in m.named_parameters() if n in ref) < 1e-12
 
 
 def test_arguments_are_checked():

@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from ..ops._checks import values_readable
 from ..layers.state import MLSTMBlockState, XLSTMState
+from ..ops._checks import values_readable
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

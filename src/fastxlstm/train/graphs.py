@@ -49,15 +49,6 @@ class GraphCaptureError(RuntimeError):
     None (accumulate=False); running the plain step then gives what the call would have given."""
 
 
-def _params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
-    seen, out = set(), []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 class GraphedStep:
     """Forward + backward of ``loss_fn(*inputs)`` as one CUDA graph (see the module docstring).
 
@@ -157,7 +148,7 @@ class GraphedStep:
             p.grad = s
 
     def _capture(self, inputs, sig, device: torch.device) -> None:
-        params = _params(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]  # parameters() lists a shared one once
         if not params:
             raise ValueError("the model has no parameters that require grad")
         if any(p.device != device for p in params):

@@ -336,20 +336,22 @@ def _graphed_step(run: _Run, cfg: TrainConfig, info: DistInfo) -> Optional[Graph
     applies, i.e. the fast path on one CUDA device without torchrun)."""
     why_not = ("it needs a CUDA device" if info.device.type != "cuda" else
                "it needs the fast path (compiled blocks and the chunked loss)" if not run.fast else
-               "it runs one process (under torchrun the DDP/FSDP hooks are not captured)"
-               if info.distributed or run.fwd is not run.core else None)
+               "it runs one process (under torchrun the DDP/FSDP hooks are not captured)" if info.distributed
+               else None)
     if cfg.cuda_graph is False or (cfg.cuda_graph is None and why_not is not None):
         return None
     if why_not is not None:
         raise ValueError(f"--cuda-graph: {why_not}")
     core = run.core
-
-    def loss_fn(ids, resets, labels):  # the summed cross entropy, chunk by chunk: no float32 logits
-        return core(ids, resets=resets, return_state=False, labels=labels, loss_reduction="sum").loss
-
     # the token data's range was checked when it was loaded; inside the graph nothing is read back
-    return GraphedStep(core, loss_fn, accumulate=cfg.grad_accum > 1,
+    return GraphedStep(core, lambda ids, resets, labels: _summed_nll(core, ids, resets, labels),
+                       accumulate=cfg.grad_accum > 1,
                        autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+
+
+def _summed_nll(model, ids, resets, labels) -> torch.Tensor:
+    """The fast path's loss: the summed cross entropy, chunk by chunk (no float32 logits); labels -100 = no loss."""
+    return model(ids, resets=resets, return_state=False, labels=labels, loss_reduction="sum").loss
 
 
 def _micro_step(run: _Run, cfg: TrainConfig, info: DistInfo, mb, scale: float, sync: bool) -> torch.Tensor:
@@ -369,9 +371,8 @@ def _micro_step(run: _Run, cfg: TrainConfig, info: DistInfo, mb, scale: float, s
                 run.graph = None
     with contextlib.nullcontext() if sync else fwd.no_sync():
         with _autocast(cfg, device):
-            if run.fast:  # the summed cross entropy, chunk by chunk: no float32 logits
-                nll = fwd(mb.input_ids, resets=mb.resets, return_state=False, labels=labels,
-                          loss_reduction="sum").loss.float()
+            if run.fast:
+                nll = _summed_nll(fwd, mb.input_ids, mb.resets, labels).float()
             else:
                 nll = lm_loss(fwd(mb.input_ids, resets=mb.resets, return_state=False).logits, mb.targets, mb.mask)
         (nll * scale).backward()
