@@ -6,18 +6,19 @@ models, eager and with the fast path, side by side with a same-size Llama (trans
     python benchmarks/training.py --device cpu --tiny      # a smoke test of the whole script on the CPU
     python benchmarks/training.py --plot benchmarks/results/h200_training.json   # redo the plot and the table
 
-Setup (the one the competitors' numbers were measured with): 16,384 tokens per step (B = 16384 / S; at 32k one sequence, 32,768 tokens), bf16
-autocast with float32 parameters, fused AdamW, vocabulary 50,304, random tokens. Timed: ``--steps`` full steps
-after ``--warmup`` (compilation happens in the warmup), torch.cuda.synchronize around them; peak memory is
-torch.cuda.max_memory_allocated over the warmup and timed steps (parameters, gradients and Adam state included).
+Setup (the one the competitors' numbers were measured with): 16,384 tokens per step (B = 16384 / S; at 32k one
+sequence, 32,768 tokens), bf16 autocast with float32 parameters, fused AdamW, vocabulary 50,304, random tokens.
+Timed: ``--steps`` full steps after ``--warmup`` (compilation happens in the warmup), torch.cuda.synchronize around
+them; peak memory is torch.cuda.max_memory_allocated over the warmup and timed steps (parameters, gradients and Adam
+state included).
 
 Paths: "eager" is the plain step (float32 logits, F.cross_entropy), as fastxlstm's trainer ran it before this
 benchmark; "fast" is ``model.compile_blocks()`` plus the chunked loss ``model(ids, labels=...).loss``; "fast+graph"
 the same forward + backward captured once as a CUDA graph and replayed (``fastxlstm.train.graphs.GraphedStep``, what
-``fastxlstm train --device cuda`` runs; the optimizer step stays outside); "fast+ckpt"
-adds activation checkpointing (after the fast runs, same contexts; it reuses the compiled blocks; "fast+ckpt+graph"
-with --graph, the default). Before timing the fast path, the
-same run checks it: loss and gradients of one batch against the eager path (relative errors in the JSON).
+``fastxlstm train --device cuda`` runs; the optimizer step stays outside); "fast+ckpt" adds activation checkpointing
+(after the fast runs, same contexts; it reuses the compiled blocks; "fast+ckpt+graph" with --graph, the default).
+Before timing the fast path, the same run checks it: loss and gradients of one batch against the eager path
+(relative errors in the JSON).
 
 Competitors: transformers LlamaForCausalLM (SDPA, E=1024, 24 layers, 16 heads, FFN 2816, tied: ~360M) and the
 official xlstm xLSTMLMModel 350M [1:0], the latter in a subprocess (its kernels may crash or run out of memory;
@@ -158,9 +159,16 @@ def graphed_step(model, device):
         import torch
         from fastxlstm.train.graphs import GraphedStep
         g = model._bench_graph = GraphedStep(
-            model, lambda ids, labels: model(ids, labels=labels, return_state=False).loss,
+            model, lambda ids, labels: loss_fn("ours", model, ids, labels, fast=True),
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     return g
+
+
+def drop_graph(model, device):
+    """Forget the model's captured step and free its memory pool (before the model changes, or to measure the
+    next configuration without it)."""
+    model._bench_graph = None
+    free(device)
 
 
 def train_step(kind, model, opt, ids, labels, fast, device):
@@ -587,8 +595,7 @@ def main_bench(args):
             if args.graph:
                 for S in ctxs:
                     run_config("ours", name, "fast+graph", model, opt, S, fast="graph", min_s=20)
-                model._bench_graph = None  # frees the graph's memory pool
-                free(device)
+                drop_graph(model, device)
             if profile and time_left() > 30:
                 try:
                     res["profiles"][f"{name} fast"] = profile_step("ours", model, opt, ctxs[0], tokens, V, device,
@@ -599,14 +606,13 @@ def main_bench(args):
                 save()
             long = [S for S in ctxs if S >= ckpt_from]
             if long:
-                model.set_activation_checkpointing(True)  # a changed model: a graph captured before must go
-                model._bench_graph = None
+                drop_graph(model, device)  # the model changes: a graph captured before would replay the old one
+                model.set_activation_checkpointing(True)
                 for S in long:
                     run_config("ours", name, "fast+ckpt+graph" if args.graph else "fast+ckpt", model, opt, S,
                                fast="graph" if args.graph else True, min_s=20)
                 model.set_activation_checkpointing(False)
-                model._bench_graph = None
-                free(device)
+                drop_graph(model, device)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             record(name, "build", 0, error_record(e))

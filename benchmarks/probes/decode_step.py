@@ -10,7 +10,8 @@ heads), gemv (batch-1 products, cuBLAS vs the Triton GEMV configurations; CUDA-g
 L2-resident where they fit in 50 MB, so in-graph numbers are lower), b1 (7B, B=1, per FASTXLSTM_GEMV mode), b64
 (7B B=64 fp32/bf16 states, B=256 bf16), paper (1.3b B=1, with the best stepk13 tiling too), prefill (7B, 16k tokens,
 chunk 8192 / 16384, profile), into (7B, B=64 and 256, prompt 256: peak memory and time of the prompt's state
-written straight into the decoder's buffers, ``prefill(into=)``, against prefill then ``load``). Writes $OUT/decode_step.json; BUDGET (s, default 500) stops starting new parts.
+written straight into the decoder's buffers, ``prefill(into=)``, against prefill then ``load``). Writes
+$OUT/decode_step.json; BUDGET (s, default 500) stops starting new parts.
 """
 import json, os, sys, time, traceback, gc
 import torch
